@@ -1,0 +1,361 @@
+// CPU recurrence kernels: per time step one GEMM for the recurrent term, then one fused pass over
+// batch x hidden for every gate and the state update; the backward sweep likewise, with the weight
+// gradients as whole-sequence GEMMs at the end. Shapes and checks: csrc/recurrence_args.h.
+// Assumes nothing of the caller's strides (inputs are made contiguous here); lengths live on the CPU.
+#include "recurrence.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cstring>
+
+#include "../cell_math.h"
+#include "../recurrence_args.h"
+
+namespace rnnkernels {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t gates_of(Cell cell) {
+  return cell == Cell::LSTM ? 4 : cell == Cell::GRU ? 3 : 1;
+}
+
+// Columns of the per-step workspace the backward reads: LSTM i, f, g, o, c; GRU r, z, n, W_hn h + b_hn.
+constexpr int64_t workspace_width(Cell cell, int64_t H) {
+  return cell == Cell::LSTM ? 5 * H : cell == Cell::GRU ? 4 * H : 0;
+}
+
+// torch ships oneDNN's GEMM behind mkldnn::_linear_pointwise. For float32 on x86 it runs at
+// AVX-512 speed where MKL's sgemm takes its AVX2 path (AMD CPUs: about 2x), so small per-step
+// GEMMs go there when torch has it and oneDNN is enabled.
+const c10::OperatorHandle* onednn_linear() {
+  static const std::optional<c10::OperatorHandle> op =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  return op.has_value() ? &*op : nullptr;
+}
+
+// x w^T (+ b) for contiguous 2-D x and w, as torch.nn.functional.linear computes it.
+Tensor project(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+  const c10::OperatorHandle* op = onednn_linear();
+  if (op != nullptr && x.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn() &&
+      x.size(0) > 0) {
+    torch::jit::Stack stack{x,
+                            w,
+                            b.has_value() ? c10::IValue(*b) : c10::IValue(),
+                            c10::IValue(std::string("none")),
+                            c10::IValue(c10::List<std::optional<at::Scalar>>()),
+                            c10::IValue()};
+    op->callBoxed(&stack);
+    return stack[0].toTensor();
+  }
+  return b.has_value() ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
+}
+
+// a^T b for row-major a (K, M) and b (K, N): the whole-sequence weight gradients.
+Tensor matmul_tn(const Tensor& a, const Tensor& b) {
+  return project(a.t().contiguous(), b.t().contiguous(), std::nullopt);
+}
+
+struct Steps {
+  int64_t T;
+  bool reverse;
+  const int64_t* lengths;  // null: every sequence has length T
+  int64_t length(int64_t b) const { return lengths ? lengths[b] : T; }
+  int64_t time(int64_t step) const { return reverse ? T - 1 - step : step; }
+  bool active(int64_t t, int64_t b) const { return t < length(b); }
+  // Whether step t is the first one sequence b takes, so its previous state is h0/c0.
+  bool first(int64_t t, int64_t b) const { return reverse ? t == length(b) - 1 : t == 0; }
+  int64_t previous(int64_t t) const { return reverse ? t + 1 : t - 1; }
+};
+
+// Runs fn(b) for every sequence b active at time t, split over threads when the work is worth it.
+template <typename F>
+void for_active_rows(const Steps& steps, int64_t t, int64_t B, int64_t row_work, const F& fn) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(row_work, 1));
+  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      if (steps.active(t, b)) fn(b);
+    }
+  });
+}
+
+template <typename scalar_t>
+scalar_t* row(const Tensor& t, int64_t index, int64_t width) {
+  return t.data_ptr<scalar_t>() + index * width;
+}
+
+// Row kernels: one (t, b) over the hidden units. Separate functions with restrict-qualified pointers
+// so that the compiler vectorises them (float: the host math in cell_math.h has no calls or branches).
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+void lstm_forward_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, scalar_t* __restrict__ ws,
+                      scalar_t* __restrict__ c, scalar_t* __restrict__ h, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    const LstmForward<opmath_t> s(opmath_t(x[j]) + opmath_t(r[j]), opmath_t(x[H + j]) + opmath_t(r[H + j]),
+                                  opmath_t(x[2 * H + j]) + opmath_t(r[2 * H + j]),
+                                  opmath_t(x[3 * H + j]) + opmath_t(r[3 * H + j]), opmath_t(c[j]));
+    ws[j] = s.i;
+    ws[H + j] = s.f;
+    ws[2 * H + j] = s.g;
+    ws[3 * H + j] = s.o;
+    ws[4 * H + j] = s.c;
+    c[j] = s.c;
+    h[j] = s.h;
+  }
+}
+
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+void gru_forward_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, scalar_t* __restrict__ ws,
+                     scalar_t* __restrict__ h, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    const GruForward<opmath_t> s(opmath_t(x[j]) + opmath_t(r[j]), opmath_t(x[H + j]) + opmath_t(r[H + j]),
+                                 opmath_t(x[2 * H + j]), opmath_t(r[2 * H + j]), opmath_t(h[j]));
+    ws[j] = s.r;
+    ws[H + j] = s.z;
+    ws[2 * H + j] = s.n;
+    ws[3 * H + j] = r[2 * H + j];
+    h[j] = s.h;
+  }
+}
+
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+void rnn_forward_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, scalar_t* __restrict__ h,
+                     int64_t H, bool relu) {
+  for (int64_t j = 0; j < H; ++j) h[j] = rnn_forward(opmath_t(x[j]) + opmath_t(r[j]), relu);
+}
+
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+void lstm_backward_row(const scalar_t* __restrict__ dh, const scalar_t* __restrict__ ws,
+                       const scalar_t* __restrict__ c_prev, scalar_t* __restrict__ dc, scalar_t* __restrict__ dx,
+                       int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    const LstmBackward<opmath_t> s(opmath_t(dh[j]), opmath_t(dc[j]), opmath_t(ws[j]), opmath_t(ws[H + j]),
+                                   opmath_t(ws[2 * H + j]), opmath_t(ws[3 * H + j]), opmath_t(ws[4 * H + j]),
+                                   opmath_t(c_prev[j]));
+    dx[j] = s.d_i;
+    dx[H + j] = s.d_f;
+    dx[2 * H + j] = s.d_g;
+    dx[3 * H + j] = s.d_o;
+    dc[j] = s.dc_prev;
+  }
+}
+
+// The projected LSTM's pre-projection output o * tanh(c), recomputed for dW_hr.
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+void lstm_unprojected_row(const scalar_t* __restrict__ ws, scalar_t* __restrict__ m, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) m[j] = opmath_t(ws[3 * H + j]) * Fn<opmath_t>::tanh(opmath_t(ws[4 * H + j]));
+}
+
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+void gru_backward_row(const scalar_t* __restrict__ dh, const scalar_t* __restrict__ ws,
+                      const scalar_t* __restrict__ h_prev, scalar_t* __restrict__ dx, scalar_t* __restrict__ dhh,
+                      scalar_t* __restrict__ direct, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    const GruBackward<opmath_t> s(opmath_t(dh[j]), opmath_t(ws[j]), opmath_t(ws[H + j]), opmath_t(ws[2 * H + j]),
+                                  opmath_t(ws[3 * H + j]), opmath_t(h_prev[j]));
+    dx[j] = s.d_r;
+    dx[H + j] = s.d_z;
+    dx[2 * H + j] = s.d_xn;
+    dhh[j] = s.d_r;
+    dhh[H + j] = s.d_z;
+    dhh[2 * H + j] = s.d_hn;
+    direct[j] = s.dh_direct;
+  }
+}
+
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+void rnn_backward_row(const scalar_t* __restrict__ dh, const scalar_t* __restrict__ h, scalar_t* __restrict__ dx,
+                      int64_t H, bool relu) {
+  for (int64_t j = 0; j < H; ++j) dx[j] = rnn_backward(opmath_t(dh[j]), opmath_t(h[j]), relu);
+}
+
+template <Cell cell, typename scalar_t>
+void forward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gx, const Tensor& w_hh,
+                  const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr, Tensor& h,
+                  Tensor& c, Tensor& output, Tensor& workspace) {
+  const int64_t T = d.T, B = d.B, H = d.H, P = d.P, GH = d.G * d.H, W = workspace_width(cell, H);
+  const bool projected = w_hr.has_value();
+  Tensor m = projected ? at::empty({B, H}, gx.options()) : Tensor();
+  for (int64_t step = 0; step < T; ++step) {
+    const int64_t t = steps.time(step);
+    const Tensor gh = project(h, w_hh, b_hh).contiguous();
+    for_active_rows(steps, t, B, GH, [&](int64_t b) {
+      const scalar_t* x = row<scalar_t>(gx, t * B + b, GH);
+      const scalar_t* r = row<scalar_t>(gh, b, GH);
+      scalar_t* hb = row<scalar_t>(h, b, P);
+      if constexpr (cell == Cell::LSTM) {
+        lstm_forward_row(x, r, row<scalar_t>(workspace, t * B + b, W), row<scalar_t>(c, b, H),
+                         projected ? row<scalar_t>(m, b, H) : hb, H);
+      } else if constexpr (cell == Cell::GRU) {
+        gru_forward_row(x, r, row<scalar_t>(workspace, t * B + b, W), hb, H);
+      } else {
+        rnn_forward_row(x, r, hb, H, cell == Cell::RNN_RELU);
+      }
+      if (!projected) std::memcpy(row<scalar_t>(output, t * B + b, P), hb, sizeof(scalar_t) * P);
+    });
+    if (projected) {
+      const Tensor hp = project(m, *w_hr, std::nullopt).contiguous();
+      for_active_rows(steps, t, B, P, [&](int64_t b) {
+        std::memcpy(row<scalar_t>(h, b, P), row<scalar_t>(hp, b, P), sizeof(scalar_t) * P);
+        std::memcpy(row<scalar_t>(output, t * B + b, P), row<scalar_t>(hp, b, P), sizeof(scalar_t) * P);
+      });
+    }
+  }
+}
+
+template <Cell cell, typename scalar_t>
+void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& grad_output, Tensor& dh,
+                   Tensor& dc, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+                   const std::optional<Tensor>& w_hr, const Tensor& output, const Tensor& workspace,
+                   Tensor& grad_gx, Tensor& grad_gh, Tensor& dh_all, Tensor& m_all) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t T = d.T, B = d.B, H = d.H, P = d.P, GH = d.G * d.H, W = workspace_width(cell, H);
+  const bool projected = w_hr.has_value();
+  const Tensor w_hh_t = w_hh.t().contiguous();
+  const Tensor w_hr_t = projected ? w_hr->t().contiguous() : Tensor();
+  Tensor dh_direct = cell == Cell::GRU ? at::empty({B, H}, dh.options()) : Tensor();
+  for (int64_t step = T - 1; step >= 0; --step) {
+    const int64_t t = steps.time(step);
+    for_active_rows(steps, t, B, P, [&](int64_t b) {
+      scalar_t* __restrict__ g = row<scalar_t>(dh, b, P);
+      const scalar_t* __restrict__ go = row<scalar_t>(grad_output, t * B + b, P);
+      for (int64_t j = 0; j < P; ++j) g[j] = opmath_t(g[j]) + opmath_t(go[j]);
+      if (projected) std::memcpy(row<scalar_t>(dh_all, t * B + b, P), g, sizeof(scalar_t) * P);
+    });
+    const Tensor dm = projected ? project(dh, w_hr_t, std::nullopt).contiguous() : dh;
+    for_active_rows(steps, t, B, GH, [&](int64_t b) {
+      const bool first = steps.first(t, b);
+      const int64_t prev = steps.previous(t);
+      const scalar_t* ws = W ? row<scalar_t>(workspace, t * B + b, W) : nullptr;
+      const scalar_t* g = row<scalar_t>(dm, b, H);
+      scalar_t* dx = row<scalar_t>(grad_gx, t * B + b, GH);
+      if constexpr (cell == Cell::LSTM) {
+        const scalar_t* c_prev = first ? row<scalar_t>(c0, b, H) : row<scalar_t>(workspace, prev * B + b, W) + 4 * H;
+        lstm_backward_row(g, ws, c_prev, row<scalar_t>(dc, b, H), dx, H);
+        if (projected) lstm_unprojected_row(ws, row<scalar_t>(m_all, t * B + b, H), H);
+      } else if constexpr (cell == Cell::GRU) {
+        const scalar_t* h_prev = first ? row<scalar_t>(h0, b, P) : row<scalar_t>(output, prev * B + b, P);
+        gru_backward_row(g, ws, h_prev, dx, row<scalar_t>(grad_gh, t * B + b, GH), row<scalar_t>(dh_direct, b, H), H);
+      } else {
+        rnn_backward_row(g, row<scalar_t>(output, t * B + b, P), dx, H, cell == Cell::RNN_RELU);
+      }
+    });
+    const Tensor dh_rec = project(grad_gh[t], w_hh_t, std::nullopt).contiguous();
+    for_active_rows(steps, t, B, P, [&](int64_t b) {
+      scalar_t* __restrict__ g = row<scalar_t>(dh, b, P);
+      const scalar_t* __restrict__ rec = row<scalar_t>(dh_rec, b, P);
+      if constexpr (cell == Cell::GRU) {
+        const scalar_t* __restrict__ direct = row<scalar_t>(dh_direct, b, H);
+        for (int64_t j = 0; j < P; ++j) g[j] = opmath_t(rec[j]) + opmath_t(direct[j]);
+      } else {
+        std::memcpy(g, rec, sizeof(scalar_t) * P);
+      }
+    });
+  }
+}
+
+// The state each active (t, b) started from, row by row, for the whole-sequence dW_hh GEMM.
+template <typename scalar_t>
+Tensor previous_states(const RecurrenceDims& d, const Steps& steps, const Tensor& h0, const Tensor& output) {
+  Tensor h_prev = at::zeros({d.T, d.B, d.P}, output.options());
+  at::parallel_for(0, d.T, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t b = 0; b < d.B; ++b) {
+        if (!steps.active(t, b)) continue;
+        const scalar_t* src = steps.first(t, b) ? row<scalar_t>(h0, b, d.P)
+                                                : row<scalar_t>(output, steps.previous(t) * d.B + b, d.P);
+        std::memcpy(row<scalar_t>(h_prev, t * d.B + b, d.P), src, sizeof(scalar_t) * d.P);
+      }
+    }
+  });
+  return h_prev;
+}
+
+std::optional<Tensor> contiguous(const std::optional<Tensor>& t) {
+  return t.has_value() ? std::optional<Tensor>(t->contiguous()) : std::nullopt;
+}
+
+}  // namespace
+
+template <Cell cell>
+Tensors4 forward_cpu(const Tensor& gx_in, const Tensor& h0, const std::optional<Tensor>& c0,
+                     const Tensor& w_hh_in, const std::optional<Tensor>& b_hh_in,
+                     const std::optional<Tensor>& w_hr_in, const std::optional<Tensor>& lengths_in,
+                     bool reverse) {
+  const RecurrenceDims d =
+      check_recurrence_args(gates_of(cell), gx_in.sizes(), gx_in, h0, c0, w_hh_in, b_hh_in, w_hr_in, lengths_in);
+  const Tensor gx = gx_in.contiguous(), w_hh = w_hh_in.contiguous();
+  const std::optional<Tensor> b_hh = contiguous(b_hh_in), w_hr = contiguous(w_hr_in),
+                              lengths = contiguous(lengths_in);
+  Tensor output = at::zeros({d.T, d.B, d.P}, gx.options());
+  Tensor workspace = at::empty({d.T, d.B, workspace_width(cell, d.H)}, gx.options());
+  Tensor h = h0.contiguous().clone();
+  Tensor c = cell == Cell::LSTM ? c0->contiguous().clone() : at::empty({0}, gx.options());
+  const Steps steps{d.T, reverse, lengths ? lengths->data_ptr<int64_t>() : nullptr};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gx.scalar_type(), "rnnkernels_forward_cpu", [&] {
+    forward_impl<cell, scalar_t>(d, steps, gx, w_hh, b_hh, w_hr, h, c, output, workspace);
+  });
+  return {output, h, c, workspace};
+}
+
+template <Cell cell>
+Tensors6 backward_cpu(const Tensor& grad_output_in, const Tensor& grad_h_n,
+                      const std::optional<Tensor>& grad_c_n, const Tensor& h0_in,
+                      const std::optional<Tensor>& c0, const Tensor& w_hh_in,
+                      const std::optional<Tensor>& w_hr_in, const std::optional<Tensor>& lengths_in,
+                      bool reverse, const Tensor& output_in, const Tensor& workspace_in) {
+  const int64_t G = gates_of(cell);
+  TORCH_CHECK(output_in.dim() == 3, "rnnkernels: output must be 3-D (T, B, P)");
+  const int64_t T = output_in.size(0), B = output_in.size(1);
+  const RecurrenceDims d = check_recurrence_args(G, {T, B, w_hh_in.size(0)}, output_in, h0_in, c0, w_hh_in,
+                                                 std::nullopt, w_hr_in, lengths_in);
+  TORCH_CHECK(grad_output_in.sizes() == output_in.sizes() && grad_h_n.sizes() == h0_in.sizes(),
+              "rnnkernels: gradient shapes must match the forward's outputs");
+  TORCH_CHECK(workspace_in.dim() == 3 && workspace_in.size(0) == T && workspace_in.size(1) == B &&
+                  workspace_in.size(2) == workspace_width(cell, d.H),
+              "rnnkernels: workspace does not come from this forward");
+  const Tensor grad_output = grad_output_in.contiguous(), h0 = h0_in.contiguous(),
+               w_hh = w_hh_in.contiguous(), output = output_in.contiguous(),
+               workspace = workspace_in.contiguous();
+  const std::optional<Tensor> w_hr = contiguous(w_hr_in), lengths = contiguous(lengths_in);
+  const auto opts = output.options();
+  Tensor dh = grad_h_n.contiguous().clone();
+  Tensor dc = cell == Cell::LSTM ? (grad_c_n.has_value() ? grad_c_n->contiguous().clone()
+                                                         : at::zeros({B, d.H}, opts))
+                                 : at::empty({0}, opts);
+  const Tensor c0c = cell == Cell::LSTM ? c0->contiguous() : Tensor();
+  Tensor grad_gx = at::zeros({T, B, G * d.H}, opts);
+  Tensor grad_gh = cell == Cell::GRU ? at::zeros({T, B, G * d.H}, opts) : grad_gx;
+  const bool projected = w_hr.has_value();
+  Tensor dh_all = projected ? at::zeros({T, B, d.P}, opts) : Tensor();
+  Tensor m_all = projected ? at::zeros({T, B, d.H}, opts) : Tensor();
+  const Steps steps{T, reverse, lengths ? lengths->data_ptr<int64_t>() : nullptr};
+  Tensor h_prev;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, output.scalar_type(), "rnnkernels_backward_cpu", [&] {
+    backward_impl<cell, scalar_t>(d, steps, grad_output, dh, dc, h0, c0c, w_hh, w_hr, output, workspace,
+                                  grad_gx, grad_gh, dh_all, m_all);
+    h_prev = previous_states<scalar_t>(d, steps, h0, output);
+  });
+  const Tensor grad_gh_rows = grad_gh.view({T * B, G * d.H});
+  Tensor grad_w_hh = matmul_tn(grad_gh_rows, h_prev.view({T * B, d.P}));
+  Tensor grad_b_hh = grad_gh_rows.sum(0);
+  Tensor grad_w_hr = projected ? matmul_tn(dh_all.view({T * B, d.P}), m_all.view({T * B, d.H}))
+                               : at::empty({0}, opts);
+  return {grad_gx, dh, dc, grad_w_hh, grad_b_hh, grad_w_hr};
+}
+
+#define RNNKERNELS_INSTANTIATE(cell)                                                                     \
+  template Tensors4 forward_cpu<cell>(const Tensor&, const Tensor&, const std::optional<Tensor>&,        \
+                                      const Tensor&, const std::optional<Tensor>&,                       \
+                                      const std::optional<Tensor>&, const std::optional<Tensor>&, bool); \
+  template Tensors6 backward_cpu<cell>(const Tensor&, const Tensor&, const std::optional<Tensor>&,       \
+                                       const Tensor&, const std::optional<Tensor>&, const Tensor&,       \
+                                       const std::optional<Tensor>&, const std::optional<Tensor>&, bool, \
+                                       const Tensor&, const Tensor&);
+RNNKERNELS_INSTANTIATE(Cell::LSTM)
+RNNKERNELS_INSTANTIATE(Cell::GRU)
+RNNKERNELS_INSTANTIATE(Cell::RNN_TANH)
+RNNKERNELS_INSTANTIATE(Cell::RNN_RELU)
+
+}  // namespace rnnkernels

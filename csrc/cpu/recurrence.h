@@ -1,0 +1,28 @@
+// CPU implementations of the rnnkernels recurrence operators (schemas in csrc/ops.cpp).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace rnnkernels {
+
+enum class Cell { LSTM, GRU, RNN_TANH, RNN_RELU };
+
+using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Tensors6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+template <Cell cell>
+Tensors4 forward_cpu(const at::Tensor& gx, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
+                     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
+                     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
+                     bool reverse);
+
+template <Cell cell>
+Tensors6 backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                      const std::optional<at::Tensor>& grad_c_n, const at::Tensor& h0,
+                      const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
+                      const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
+                      bool reverse, const at::Tensor& output, const at::Tensor& workspace);
+
+}  // namespace rnnkernels

@@ -1,0 +1,49 @@
+// The rnnkernels operators: their schemas (the only place they are written) and the device
+// implementations. Fake implementations and autograd live in rnnkernels/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "cpu/recurrence.h"
+
+namespace {
+
+// One forward and one backward operator per cell, all with the same signature, over one layer and one
+// direction of a whole sequence (shapes: csrc/recurrence_args.h). c_n, grad_c0 and grad_w_hr are
+// empty where the cell has no cell state or no projection.
+const char* kForwardArgs =
+    "(Tensor gx, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, "
+    "bool reverse) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor workspace)";
+const char* kBackwardArgs =
+    "(Tensor grad_output, Tensor grad_h_n, Tensor? grad_c_n, Tensor h0, Tensor? c0, Tensor w_hh, "
+    "Tensor? w_hr, Tensor? lengths, bool reverse, Tensor output, Tensor workspace) -> (Tensor grad_gx, "
+    "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_hh, Tensor grad_b_hh, Tensor grad_w_hr)";
+const char* kCells[] = {"lstm", "gru", "rnn_tanh", "rnn_relu"};
+
+}  // namespace
+
+TORCH_LIBRARY(rnnkernels, m) {
+  for (const char* cell : kCells) {
+    m.def((std::string(cell) + "_forward" + kForwardArgs).c_str());
+    m.def((std::string(cell) + "_backward" + kBackwardArgs).c_str());
+  }
+}
+
+TORCH_LIBRARY_IMPL(rnnkernels, CPU, m) {
+  using rnnkernels::Cell;
+  m.impl("lstm_forward", &rnnkernels::forward_cpu<Cell::LSTM>);
+  m.impl("lstm_backward", &rnnkernels::backward_cpu<Cell::LSTM>);
+  m.impl("gru_forward", &rnnkernels::forward_cpu<Cell::GRU>);
+  m.impl("gru_backward", &rnnkernels::backward_cpu<Cell::GRU>);
+  m.impl("rnn_tanh_forward", &rnnkernels::forward_cpu<Cell::RNN_TANH>);
+  m.impl("rnn_tanh_backward", &rnnkernels::backward_cpu<Cell::RNN_TANH>);
+  m.impl("rnn_relu_forward", &rnnkernels::forward_cpu<Cell::RNN_RELU>);
+  m.impl("rnn_relu_backward", &rnnkernels::backward_cpu<Cell::RNN_RELU>);
+}
+
+// Importing rnnkernels._C runs the registrations above; the module itself holds nothing.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

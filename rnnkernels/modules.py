@@ -1,0 +1,220 @@
+"""Drop-in twins of torch.nn.RNN, GRU, LSTM and their cells.
+
+Each subclasses its torch.nn module, so the constructor, parameters, initialisation, state_dict and
+argument checks are torch.nn's own; only forward differs, and one keyword: ``backend`` ("auto" or a name
+from rnnkernels.backends.BACKENDS).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from . import backends, functional
+
+
+class _Twin:
+    """What every rnnkernels module adds to its torch.nn base."""
+
+    _torch_class: type[nn.Module]
+    backend: str
+
+    def _set_backend(self, backend: str) -> None:
+        self.backend = backends.check_name(backend)
+
+    @classmethod
+    def from_torch(cls, module: nn.Module, backend: str = "auto"):
+        """A twin of `module` holding the very same parameter tensors (optimizers, tied weights keep working)."""
+        if type(module) is not cls._torch_class:
+            raise TypeError(f"{cls.__name__}.from_torch expects a {cls._torch_class.__name__}, got {type(module).__name__}")
+        twin = cls.__new__(cls)
+        twin.__dict__.update(module.__dict__)
+        for attribute in ("_parameters", "_buffers", "_modules"):
+            setattr(twin, attribute, dict(getattr(module, attribute)))
+        twin._set_backend(backend)
+        return twin
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text if self.backend == "auto" else f"{text}, backend={self.backend!r}"
+
+
+class _RNNBase(_Twin):
+    """forward of RNN, GRU and LSTM: torch.nn's contract (batched or not, batch_first, PackedSequence, hx)."""
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._set_backend(backend)
+
+    def _layer_weights(self) -> list[functional.LayerWeights]:
+        layers = []
+        for names in self._all_weights:
+            params = [getattr(self, name) for name in names]
+            w_ih, w_hh = params[0], params[1]
+            b_ih, b_hh = (params[2], params[3]) if self.bias else (None, None)
+            w_hr = params[-1] if self.proj_size > 0 else None
+            layers.append(functional.LayerWeights(w_ih, w_hh, b_ih, b_hh, w_hr))
+        return layers
+
+    def _zeros(self, batch: int, size: int, like: Tensor) -> Tensor:
+        directions = 2 if self.bidirectional else 1
+        return torch.zeros(self.num_layers * directions, batch, size, dtype=like.dtype, device=like.device)
+
+    def forward(self, input, hx=None):
+        is_lstm = self.mode == "LSTM"
+        packed = isinstance(input, PackedSequence)
+        is_batched = True
+        sorted_indices = unsorted_indices = None
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
+            check_input, check_sizes = data, batch_sizes
+            if hx is not None:
+                hx = self.permute_hidden(hx, sorted_indices)
+        else:
+            if input.dim() not in (2, 3):
+                name = "LSTM" if is_lstm else "RNN"
+                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            if not is_batched:
+                input = input.unsqueeze(0 if self.batch_first else 1)
+            if hx is not None:
+                _check_hidden_dims(hx, 3 if is_batched else 2, is_lstm)
+                if not is_batched:
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1)) if is_lstm else hx.unsqueeze(1)
+            x = input.transpose(0, 1) if self.batch_first else input
+            lengths = None
+            check_input, check_sizes = input, None
+        batch = x.size(1)
+        if hx is None:
+            h0 = self._zeros(batch, self.proj_size if self.proj_size > 0 else self.hidden_size, x)
+            hx = (h0, self._zeros(batch, self.hidden_size, x)) if is_lstm else h0
+        self.check_forward_args(check_input, hx, check_sizes)
+
+        backend = backends.select(self.backend, x.device, x.dtype)
+        h0, c0 = hx if is_lstm else (hx, None)
+        output, h_n, c_n = functional.rnn(
+            self.mode.lower(), x, h0, c0, self._layer_weights(), self.num_layers, self.bidirectional,
+            self.dropout, self.training, lengths, backend,
+        )
+        hidden = (h_n, c_n) if is_lstm else h_n
+        if packed:
+            output = pack_padded_sequence(output, lengths).data
+            return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), self.permute_hidden(
+                hidden, unsorted_indices
+            )
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            output = output.squeeze(0 if self.batch_first else 1)
+            hidden = (h_n.squeeze(1), c_n.squeeze(1)) if is_lstm else h_n.squeeze(1)
+        return output, hidden
+
+
+def _check_hidden_dims(hx, dims: int, is_lstm: bool) -> None:
+    kind = "batched 3-D" if dims == 3 else "unbatched 2-D"
+    if is_lstm:
+        if hx[0].dim() != dims or hx[1].dim() != dims:
+            raise RuntimeError(
+                f"For {kind} input, hx and cx should also be {dims}-D but got "
+                f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+            )
+    elif hx.dim() != dims:
+        raise RuntimeError(f"For {kind} input, hx should also be {dims}-D but got {hx.dim()}-D tensor")
+
+
+class RNN(_RNNBase, nn.RNN):
+    _torch_class = nn.RNN
+
+
+class GRU(_RNNBase, nn.GRU):
+    _torch_class = nn.GRU
+
+
+class LSTM(_RNNBase, nn.LSTM):
+    _torch_class = nn.LSTM
+
+
+class _CellBase(_Twin):
+    """forward of the cells: one time step through the same recurrence operators, with T = 1."""
+
+    _cell: str
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._set_backend(backend)
+
+    def _cell_name(self) -> str:
+        return self._cell if self._cell != "rnn" else f"rnn_{self.nonlinearity}"
+
+    def forward(self, input: Tensor, hx=None):
+        name = type(self).__name__
+        is_lstm = self._cell == "lstm"
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        states = list(hx) if is_lstm and hx is not None else ([] if hx is None else [hx])
+        for index, state in enumerate(states):
+            if state.dim() not in (1, 2):
+                label = f"hx[{index}]" if is_lstm else "hidden"
+                raise ValueError(f"{name}: Expected {label} to be 1D or 2D, got {state.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+            states = [state.unsqueeze(0) for state in states]
+        if not states:
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+            states = [zeros, zeros] if is_lstm else [zeros]
+        self._check(input, states)
+
+        backend = backends.select(self.backend, input.device, input.dtype)
+        gx = F.linear(input, self.weight_ih, self.bias_ih).unsqueeze(0)
+        _, h, c = backends.recurrence_fn(backend)(
+            self._cell_name(), gx, states[0], states[1] if is_lstm else None, self.weight_hh, self.bias_hh,
+            None, None, False,
+        )
+        if not is_batched:
+            h = h.squeeze(0)
+            c = c.squeeze(0) if is_lstm else None
+        return (h, c) if is_lstm else h
+
+    def _check(self, input: Tensor, states: list[Tensor]) -> None:
+        # The checks and messages of torch.nn's cell kernels.
+        if input.dtype != self.weight_ih.dtype:
+            raise RuntimeError(
+                f"expected scalar type {self.weight_ih.dtype} for the input of {type(self).__name__}, got {input.dtype}"
+            )
+        if input.size(1) != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
+        for index, state in enumerate(states):
+            if input.size(0) != state.size(0):
+                raise RuntimeError(
+                    f"Input batch size {input.size(0)} doesn't match hidden{index} batch size {state.size(0)}"
+                )
+            if state.size(1) != self.hidden_size:
+                raise RuntimeError(
+                    f"hidden{index} has inconsistent hidden_size: got {state.size(1)}, expected {self.hidden_size}"
+                )
+            if state.dtype != input.dtype:
+                raise RuntimeError(f"expected hidden{index} of dtype {input.dtype}, got {state.dtype}")
+
+
+class RNNCell(_CellBase, nn.RNNCell):
+    _torch_class = nn.RNNCell
+    _cell = "rnn"
+
+
+class GRUCell(_CellBase, nn.GRUCell):
+    _torch_class = nn.GRUCell
+    _cell = "gru"
+
+
+class LSTMCell(_CellBase, nn.LSTMCell):
+    _torch_class = nn.LSTMCell
+    _cell = "lstm"
+
+
+TWINS: dict[type[nn.Module], type[nn.Module]] = {
+    twin._torch_class: twin for twin in (RNN, GRU, LSTM, RNNCell, GRUCell, LSTMCell)
+}

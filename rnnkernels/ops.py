@@ -1,0 +1,133 @@
+"""The rnnkernels operators from Python: loading the compiled extension, fake implementations for
+torch.compile, and autograd (the hand-written backward operator of each cell).
+
+The schemas live in csrc/ops.cpp: per cell c in CELLS, rnnkernels::{c}_forward and rnnkernels::{c}_backward,
+over one layer and direction of a whole sequence.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from .reference import GATES
+
+CELLS = tuple(GATES)
+
+try:
+    from . import _C  # noqa: F401  (importing it registers the operators)
+
+    LOAD_ERROR: str | None = None
+except ImportError as error:  # a source checkout that was not built, or a torch ABI mismatch
+    LOAD_ERROR = f"{type(error).__name__}: {error}"
+    warnings.warn(
+        f"rnnkernels: the compiled extension could not be loaded ({LOAD_ERROR}); only the reference "
+        "backend is available. Build it with: pip install --no-build-isolation -e .",
+        stacklevel=2,
+    )
+
+
+def workspace_width(cell: str, hidden_size: int) -> int:
+    """Columns per (t, b) that the forward keeps for the backward (csrc/cpu/recurrence.cpp)."""
+    return {"lstm": 5, "gru": 4}.get(cell, 0) * hidden_size
+
+
+def _fake_forward(cell: str):
+    def fake(gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse):
+        T, B = gx.shape[0], gx.shape[1]
+        H = w_hh.shape[0] // GATES[cell]
+        c_n = c0.new_empty(c0.shape) if cell == "lstm" else gx.new_empty(0)
+        return (
+            gx.new_empty(T, B, h0.shape[1]),
+            h0.new_empty(h0.shape),
+            c_n,
+            gx.new_empty(T, B, workspace_width(cell, H)),
+        )
+
+    return fake
+
+
+def _fake_backward(cell: str):
+    def fake(grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, reverse, output, workspace):
+        T, B = output.shape[0], output.shape[1]
+        return (
+            output.new_empty(T, B, w_hh.shape[0]),
+            h0.new_empty(h0.shape),
+            c0.new_empty(c0.shape) if cell == "lstm" else output.new_empty(0),
+            w_hh.new_empty(w_hh.shape),
+            w_hh.new_empty(w_hh.shape[0]),
+            w_hr.new_empty(w_hr.shape) if w_hr is not None else output.new_empty(0),
+        )
+
+    return fake
+
+
+def _setup_context(ctx, inputs, output):
+    _, h0, c0, w_hh, b_hh, w_hr, lengths, reverse = inputs
+    out, _, _, workspace = output
+    ctx.save_for_backward(h0, c0, w_hh, w_hr, lengths, out, workspace)
+    ctx.reverse = reverse
+    ctx.has_bias = b_hh is not None
+
+
+def _autograd_backward(cell: str):
+    backward_op = getattr(torch.ops.rnnkernels, f"{cell}_backward")
+
+    def backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_workspace):
+        h0, c0, w_hh, w_hr, lengths, output, workspace = ctx.saved_tensors
+        grad_output = torch.zeros_like(output) if grad_output is None else grad_output
+        grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
+        if cell != "lstm":
+            grad_c_n = None
+        grads = backward_op(
+            grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, ctx.reverse, output, workspace
+        )
+        grad_gx, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = grads
+        return (
+            grad_gx,
+            grad_h0,
+            grad_c0 if cell == "lstm" else None,
+            grad_w_hh,
+            grad_b_hh if ctx.has_bias else None,
+            grad_w_hr if w_hr is not None else None,
+            None,
+            None,
+        )
+
+    return backward
+
+
+def _register() -> None:
+    for cell in CELLS:
+        forward_name, backward_name = f"rnnkernels::{cell}_forward", f"rnnkernels::{cell}_backward"
+        torch.library.register_fake(forward_name)(_fake_forward(cell))
+        torch.library.register_fake(backward_name)(_fake_backward(cell))
+        torch.library.register_autograd(forward_name, _autograd_backward(cell), setup_context=_setup_context)
+
+
+if LOAD_ERROR is None:
+    _register()
+
+
+def forward_op(cell: str):
+    """The compiled forward operator of a cell: (gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse)
+    -> (output, h_n, c_n, workspace)."""
+    return getattr(torch.ops.rnnkernels, f"{cell}_forward")
+
+
+def recurrence(
+    cell: str,
+    gx: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    w_hh: Tensor,
+    b_hh: Tensor | None,
+    w_hr: Tensor | None,
+    lengths: Tensor | None,
+    reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One layer and direction through the compiled operator; same contract as reference.recurrence."""
+    output, h_n, c_n, _ = forward_op(cell)(gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse)
+    return output, h_n, (c_n if cell == "lstm" else None)
