@@ -27,35 +27,61 @@ constexpr int64_t workspace_width(Cell cell, int64_t H) {
   return cell == Cell::LSTM ? 5 * H : cell == Cell::GRU ? 4 * H : 0;
 }
 
-// torch ships oneDNN's GEMM behind mkldnn::_linear_pointwise. For float32 on x86 it runs at
-// AVX-512 speed where MKL's sgemm takes its AVX2 path (AMD CPUs: about 2x), so small per-step
-// GEMMs go there when torch has it and oneDNN is enabled.
-const c10::OperatorHandle* onednn_linear() {
-  static const std::optional<c10::OperatorHandle> op =
-      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-  return op.has_value() ? &*op : nullptr;
+// torch ships oneDNN's GEMM behind the operators mkldnn::_linear_pointwise and
+// mkldnn::_reorder_linear_weight. For float32 on x86 it runs at AVX-512 speed where MKL's sgemm takes
+// its AVX2 path (AMD CPUs: about 2x), and a weight reordered once into oneDNN's blocked layout is
+// reused by every time step. Where torch lacks these operators, or oneDNN is disabled, at::addmm runs.
+std::optional<c10::OperatorHandle> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchema({name, ""});
 }
 
-// x w^T (+ b) for contiguous 2-D x and w, as torch.nn.functional.linear computes it.
-Tensor project(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
-  const c10::OperatorHandle* op = onednn_linear();
-  if (op != nullptr && x.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn() &&
-      x.size(0) > 0) {
-    torch::jit::Stack stack{x,
-                            w,
-                            b.has_value() ? c10::IValue(*b) : c10::IValue(),
-                            c10::IValue(std::string("none")),
-                            c10::IValue(c10::List<std::optional<at::Scalar>>()),
-                            c10::IValue()};
-    op->callBoxed(&stack);
-    return stack[0].toTensor();
+bool use_onednn(const Tensor& x) {
+  static const bool available = find_op("mkldnn::_linear_pointwise").has_value() &&
+                                find_op("mkldnn::_reorder_linear_weight").has_value();
+  return available && x.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn();
+}
+
+c10::IValue call_op(const char* name, torch::jit::Stack stack) {
+  static const c10::OperatorHandle linear = *find_op("mkldnn::_linear_pointwise");
+  static const c10::OperatorHandle reorder = *find_op("mkldnn::_reorder_linear_weight");
+  (std::strcmp(name, "linear") == 0 ? linear : reorder).callBoxed(&stack);
+  return stack[0];
+}
+
+// x -> x w^T (+ b) for a fixed 2-D weight w (any strides), as F.linear computes it, called `calls` times on inputs
+// of `rows` rows. Reordering w into oneDNN's blocked layout costs a few GEMMs' time and saves 15-30%
+// of each later one, so it pays only for a weight that many time steps reuse.
+class Linear {
+ public:
+  static constexpr int64_t kReorderFromCalls = 8;
+
+  Linear(const Tensor& w, const std::optional<Tensor>& b, int64_t rows, int64_t calls)
+      : w_(w), b_(b), onednn_(use_onednn(w) && rows > 0) {
+    if (onednn_ && calls >= kReorderFromCalls) {
+      w_ = call_op("reorder", {w.contiguous(), c10::IValue(rows)}).toTensor();
+    }
   }
-  return b.has_value() ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
-}
 
-// a^T b for row-major a (K, M) and b (K, N): the whole-sequence weight gradients.
+  Tensor operator()(const Tensor& x) const {
+    if (onednn_) {
+      return call_op("linear", {x, w_, b_.has_value() ? c10::IValue(*b_) : c10::IValue(),
+                                c10::IValue(std::string("none")),
+                                c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue()})
+          .toTensor();
+    }
+    return b_.has_value() ? at::addmm(*b_, x, w_.t()) : at::mm(x, w_.t());
+  }
+
+ private:
+  Tensor w_;
+  std::optional<Tensor> b_;
+  bool onednn_;
+};
+
+// a^T b for row-major a (K, M) and b (K, N): the whole-sequence weight gradients. oneDNN reads the
+// transposed views in place, faster than copying them.
 Tensor matmul_tn(const Tensor& a, const Tensor& b) {
-  return project(a.t().contiguous(), b.t().contiguous(), std::nullopt);
+  return Linear(b.t(), std::nullopt, a.size(1), 1)(a.t());
 }
 
 struct Steps {
@@ -79,6 +105,12 @@ void for_active_rows(const Steps& steps, int64_t t, int64_t B, int64_t row_work,
       if (steps.active(t, b)) fn(b);
     }
   });
+}
+
+// A (T, B, width) buffer the sweep writes at every active (t, b); the rows of finished sequences
+// must read as zeros, so only then does it need clearing.
+Tensor sweep_buffer(const Steps& steps, int64_t B, int64_t width, const at::TensorOptions& options) {
+  return steps.lengths ? at::zeros({steps.T, B, width}, options) : at::empty({steps.T, B, width}, options);
 }
 
 template <typename scalar_t>
@@ -177,9 +209,12 @@ void forward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gx,
   const int64_t T = d.T, B = d.B, H = d.H, P = d.P, GH = d.G * d.H, W = workspace_width(cell, H);
   const bool projected = w_hr.has_value();
   Tensor m = projected ? at::empty({B, H}, gx.options()) : Tensor();
+  const Linear recurrent(w_hh, b_hh, B, T);
+  const std::optional<Linear> projection =
+      projected ? std::optional<Linear>(std::in_place, *w_hr, std::nullopt, B, T) : std::nullopt;
   for (int64_t step = 0; step < T; ++step) {
     const int64_t t = steps.time(step);
-    const Tensor gh = project(h, w_hh, b_hh).contiguous();
+    const Tensor gh = recurrent(h).contiguous();
     for_active_rows(steps, t, B, GH, [&](int64_t b) {
       const scalar_t* x = row<scalar_t>(gx, t * B + b, GH);
       const scalar_t* r = row<scalar_t>(gh, b, GH);
@@ -195,7 +230,7 @@ void forward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gx,
       if (!projected) std::memcpy(row<scalar_t>(output, t * B + b, P), hb, sizeof(scalar_t) * P);
     });
     if (projected) {
-      const Tensor hp = project(m, *w_hr, std::nullopt).contiguous();
+      const Tensor hp = (*projection)(m).contiguous();
       for_active_rows(steps, t, B, P, [&](int64_t b) {
         std::memcpy(row<scalar_t>(h, b, P), row<scalar_t>(hp, b, P), sizeof(scalar_t) * P);
         std::memcpy(row<scalar_t>(output, t * B + b, P), row<scalar_t>(hp, b, P), sizeof(scalar_t) * P);
@@ -212,8 +247,9 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t T = d.T, B = d.B, H = d.H, P = d.P, GH = d.G * d.H, W = workspace_width(cell, H);
   const bool projected = w_hr.has_value();
-  const Tensor w_hh_t = w_hh.t().contiguous();
-  const Tensor w_hr_t = projected ? w_hr->t().contiguous() : Tensor();
+  const Linear recurrent_t(w_hh.t(), std::nullopt, B, T);
+  const std::optional<Linear> projection_t =
+      projected ? std::optional<Linear>(std::in_place, w_hr->t(), std::nullopt, B, T) : std::nullopt;
   Tensor dh_direct = cell == Cell::GRU ? at::empty({B, H}, dh.options()) : Tensor();
   for (int64_t step = T - 1; step >= 0; --step) {
     const int64_t t = steps.time(step);
@@ -223,7 +259,7 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
       for (int64_t j = 0; j < P; ++j) g[j] = opmath_t(g[j]) + opmath_t(go[j]);
       if (projected) std::memcpy(row<scalar_t>(dh_all, t * B + b, P), g, sizeof(scalar_t) * P);
     });
-    const Tensor dm = projected ? project(dh, w_hr_t, std::nullopt).contiguous() : dh;
+    const Tensor dm = projected ? (*projection_t)(dh).contiguous() : dh;
     for_active_rows(steps, t, B, GH, [&](int64_t b) {
       const bool first = steps.first(t, b);
       const int64_t prev = steps.previous(t);
@@ -241,7 +277,7 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
         rnn_backward_row(g, row<scalar_t>(output, t * B + b, P), dx, H, cell == Cell::RNN_RELU);
       }
     });
-    const Tensor dh_rec = project(grad_gh[t], w_hh_t, std::nullopt).contiguous();
+    const Tensor dh_rec = recurrent_t(grad_gh[t]).contiguous();
     for_active_rows(steps, t, B, P, [&](int64_t b) {
       scalar_t* __restrict__ g = row<scalar_t>(dh, b, P);
       const scalar_t* __restrict__ rec = row<scalar_t>(dh_rec, b, P);
@@ -258,7 +294,7 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
 // The state each active (t, b) started from, row by row, for the whole-sequence dW_hh GEMM.
 template <typename scalar_t>
 Tensor previous_states(const RecurrenceDims& d, const Steps& steps, const Tensor& h0, const Tensor& output) {
-  Tensor h_prev = at::zeros({d.T, d.B, d.P}, output.options());
+  Tensor h_prev = sweep_buffer(steps, d.B, d.P, output.options());
   at::parallel_for(0, d.T, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       for (int64_t b = 0; b < d.B; ++b) {
@@ -288,11 +324,11 @@ Tensors4 forward_cpu(const Tensor& gx_in, const Tensor& h0, const std::optional<
   const Tensor gx = gx_in.contiguous(), w_hh = w_hh_in.contiguous();
   const std::optional<Tensor> b_hh = contiguous(b_hh_in), w_hr = contiguous(w_hr_in),
                               lengths = contiguous(lengths_in);
-  Tensor output = at::zeros({d.T, d.B, d.P}, gx.options());
+  const Steps steps{d.T, reverse, lengths ? lengths->data_ptr<int64_t>() : nullptr};
+  Tensor output = sweep_buffer(steps, d.B, d.P, gx.options());
   Tensor workspace = at::empty({d.T, d.B, workspace_width(cell, d.H)}, gx.options());
   Tensor h = h0.contiguous().clone();
   Tensor c = cell == Cell::LSTM ? c0->contiguous().clone() : at::empty({0}, gx.options());
-  const Steps steps{d.T, reverse, lengths ? lengths->data_ptr<int64_t>() : nullptr};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gx.scalar_type(), "rnnkernels_forward_cpu", [&] {
     forward_impl<cell, scalar_t>(d, steps, gx, w_hh, b_hh, w_hr, h, c, output, workspace);
   });
@@ -325,12 +361,12 @@ Tensors6 backward_cpu(const Tensor& grad_output_in, const Tensor& grad_h_n,
                                                          : at::zeros({B, d.H}, opts))
                                  : at::empty({0}, opts);
   const Tensor c0c = cell == Cell::LSTM ? c0->contiguous() : Tensor();
-  Tensor grad_gx = at::zeros({T, B, G * d.H}, opts);
-  Tensor grad_gh = cell == Cell::GRU ? at::zeros({T, B, G * d.H}, opts) : grad_gx;
-  const bool projected = w_hr.has_value();
-  Tensor dh_all = projected ? at::zeros({T, B, d.P}, opts) : Tensor();
-  Tensor m_all = projected ? at::zeros({T, B, d.H}, opts) : Tensor();
   const Steps steps{T, reverse, lengths ? lengths->data_ptr<int64_t>() : nullptr};
+  Tensor grad_gx = sweep_buffer(steps, B, G * d.H, opts);
+  Tensor grad_gh = cell == Cell::GRU ? sweep_buffer(steps, B, G * d.H, opts) : grad_gx;
+  const bool projected = w_hr.has_value();
+  Tensor dh_all = projected ? sweep_buffer(steps, B, d.P, opts) : Tensor();
+  Tensor m_all = projected ? sweep_buffer(steps, B, d.H, opts) : Tensor();
   Tensor h_prev;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, output.scalar_type(), "rnnkernels_backward_cpu", [&] {
     backward_impl<cell, scalar_t>(d, steps, grad_output, dh, dc, h0, c0c, w_hh, w_hr, output, workspace,

@@ -1,0 +1,428 @@
+"""Benchmark of rnnkernels against torch.nn on the workloads of rnnkernels.workloads.
+
+    python -m rnnkernels.bench [--device cpu|cuda] [--workloads a,b] [--cells lstm,gru,rnn]
+        [--dtypes float32,bfloat16] [--backends cpu,reference] [--quick] [--repeats N] [--json PATH]
+
+Per case (workload x cell x dtype) it first checks every candidate against a float64 torch.nn
+computation (forward output, final state, gradients of a training step); a wrong result is reported
+and not timed. It then times, round-robin within each repeat so that drift hits every candidate alike:
+the forward under no_grad (eval mode) and a training step (zero grads, forward, a fixed random
+projection of the output as loss, backward). Generate workloads time single cell steps at batch 1.
+Each sample runs back-to-back calls for at least --min-sample-ms; figures are per call (per step for
+generate workloads), median and spread over the repeats, warm-up excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import datetime
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import rnnkernels
+from rnnkernels import backends
+from rnnkernels.workloads import QUICK, WORKLOADS, Workload, lookup
+
+CELLS = ("lstm", "gru", "rnn")
+SEQUENCE_MODULES = {"lstm": (nn.LSTM, rnnkernels.LSTM), "gru": (nn.GRU, rnnkernels.GRU), "rnn": (nn.RNN, rnnkernels.RNN)}
+CELL_MODULES = {
+    "lstm": (nn.LSTMCell, rnnkernels.LSTMCell),
+    "gru": (nn.GRUCell, rnnkernels.GRUCell),
+    "rnn": (nn.RNNCell, rnnkernels.RNNCell),
+}
+TORCH = "torch.nn"
+TORCH_NO_CUDNN = "torch.nn-nocudnn"
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One implementation under test: torch.nn itself, or an rnnkernels twin on one backend."""
+
+    name: str
+    module: nn.Module
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # wraps every call
+
+
+# --- running a workload --------------------------------------------------------------------------
+
+
+def run_sequence(module: nn.Module, x: torch.Tensor, generate: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """(output of every time step, final state as a tuple) of a whole module or of a cell stepped over x."""
+    if not generate:
+        output, state = module(x)
+        return output, (state if isinstance(state, tuple) else (state,))
+    state, outputs = None, []
+    for step in x:
+        state = module(step, state)
+        outputs.append(state[0] if isinstance(state, tuple) else state)
+    return torch.stack(outputs), (state if isinstance(state, tuple) else (state,))
+
+
+def forward_fn(candidate: Candidate, x: torch.Tensor, generate: bool):
+    def forward():
+        candidate.module.eval()
+        with candidate.context(), torch.no_grad():
+            run_sequence(candidate.module, x, generate)
+
+    return forward
+
+
+def train_step_fn(candidate: Candidate, x: torch.Tensor, projection: torch.Tensor):
+    def train_step():
+        candidate.module.train()
+        candidate.module.zero_grad(set_to_none=True)
+        x.grad = None
+        with candidate.context():
+            output, _ = run_sequence(candidate.module, x, False)
+            (output * projection).sum().backward()
+
+    return train_step
+
+
+# --- correctness ---------------------------------------------------------------------------------
+
+
+def results_for_check(module: nn.Module, x: torch.Tensor, projection: torch.Tensor, generate: bool) -> dict:
+    """Every figure a candidate must get right: inference output and state, training output and gradients."""
+    module.eval()
+    with torch.no_grad():
+        output, state = run_sequence(module, x, generate)
+    results = {"output": output, **{f"state[{i}]": s for i, s in enumerate(state)}}
+    module.train()
+    x = x.detach().requires_grad_()
+    train_output, _ = run_sequence(module, x, generate)
+    names, params = zip(*module.named_parameters())
+    grads = torch.autograd.grad((train_output * projection).sum(), (x, *params))
+    results["train output"] = train_output.detach()
+    results.update({f"grad {name}": grad for name, grad in zip(("input", *names), grads)})
+    return results
+
+
+def relative_error(value: torch.Tensor, exact: torch.Tensor) -> float:
+    """Largest absolute deviation from the float64 result, relative to that result's largest magnitude."""
+    deviation = (value.double() - exact).abs().max().item()
+    return deviation / max(exact.abs().max().item(), 1e-30)
+
+
+def check(candidates: list[Candidate], module: nn.Module, x, projection, generate: bool) -> dict[str, dict]:
+    """Per candidate: its errors against float64 torch.nn and whether each is within 2x torch.nn's own
+    error in this dtype plus a floor of a few units of roundoff."""
+    exact = results_for_check(copy.deepcopy(module).double(), x.double(), projection.double(), generate)
+    floor = 4 * torch.finfo(x.dtype).eps
+    verdicts = {}
+    for candidate in candidates:  # torch.nn first: its errors set the bounds
+        try:
+            with candidate.context():
+                results = results_for_check(candidate.module, x, projection, generate)
+        except RuntimeError as error:
+            verdicts[candidate.name] = {"correct": False, "error": str(error)}
+            continue
+        errors = {key: relative_error(value, exact[key]) for key, value in results.items()}
+        bounds = {key: 2 * verdicts.get(TORCH, {"errors": errors})["errors"][key] + floor for key in errors}
+        failing = [key for key in errors if not errors[key] <= bounds[key]]  # NaN fails too
+        verdicts[candidate.name] = {"correct": not failing, "failing": failing, "errors": errors, "bounds": bounds}
+    return verdicts
+
+
+# --- timing --------------------------------------------------------------------------------------
+
+
+def seconds_per_call(fn, number: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(number):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / number
+    start_time = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - start_time) / number
+
+
+def first_call_ms(candidate: Candidate, x: torch.Tensor, generate: bool, device: torch.device) -> float:
+    """Wall time of the first forward on this shape (one step for generate workloads), setup included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    forward_fn(candidate, x[:1] if generate else x, generate)()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def summary(samples_ms: list[float], calls_per_sample: int) -> dict:
+    q1, median, q3 = statistics.quantiles(samples_ms, n=4, method="inclusive")
+    return {"median": median, "q1": q1, "q3": q3, "min": min(samples_ms), "max": max(samples_ms),
+            "calls_per_sample": calls_per_sample, "samples": samples_ms}
+
+
+def time_tasks(tasks: dict, settings, device: torch.device, per_call: float) -> dict:
+    """tasks: (candidate, kind) -> fn. Warms each up, sizes its samples, then times round-robin.
+    Returns (candidate, kind) -> summary of milliseconds per call divided by per_call."""
+    numbers = {}
+    for key, fn in tasks.items():
+        for _ in range(settings.warmup):
+            seconds = seconds_per_call(fn, 1, device)
+        numbers[key] = max(1, math.ceil(settings.min_sample_ms / 1e3 / max(seconds, 1e-9)))
+    samples = {key: [] for key in tasks}
+    for _ in range(settings.repeats):
+        for key, fn in tasks.items():
+            samples[key].append(seconds_per_call(fn, numbers[key], device) * 1e3 / per_call)
+    return {key: summary(samples[key], numbers[key]) for key in tasks}
+
+
+def train_peak_bytes(fn, device: torch.device) -> int | None:
+    """Peak CUDA memory allocated during one training step; None on the CPU (not measurable there)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+# --- one case ------------------------------------------------------------------------------------
+
+
+def build(workload: Workload, cell: str, dtype: torch.dtype, device: torch.device):
+    """The seeded torch.nn module, its input (time-major) and the fixed projection of the loss."""
+    torch.manual_seed(0)
+    if workload.generate:
+        module = CELL_MODULES[cell][0](workload.input_size, workload.hidden)
+    else:
+        module = SEQUENCE_MODULES[cell][0](workload.input_size, workload.hidden, workload.layers)
+    module = module.to(device=device, dtype=dtype)
+    x = torch.randn(workload.seq, workload.batch, workload.input_size, device=device, dtype=dtype)
+    projection = torch.randn(workload.seq, workload.batch, workload.hidden, device=device, dtype=dtype)
+    return module, x.requires_grad_(), projection
+
+
+def make_candidates(module, workload, cell, device, backend_names) -> list[Candidate]:
+    twin_class = (CELL_MODULES if workload.generate else SEQUENCE_MODULES)[cell][1]
+    candidates = [Candidate(TORCH, module)]
+    if device.type == "cuda":
+        candidates.append(Candidate(TORCH_NO_CUDNN, module, lambda: torch.backends.cudnn.flags(enabled=False)))
+    candidates += [Candidate(name, twin_class.from_torch(module, backend=name)) for name in backend_names]
+    return candidates
+
+
+def backends_to_run(settings, device: torch.device, dtype: torch.dtype) -> tuple[list[str], dict[str, str]]:
+    """(the backends to run, {backend asked for by name: why it cannot run this device and dtype})."""
+    if settings.backends is None:
+        names = [name for name in backends.BACKENDS if name != "reference"]
+        return [name for name in names if backends.unsupported(name, device, dtype) is None], {}
+    reasons = {name: backends.unsupported(name, device, dtype) for name in settings.backends}
+    return [name for name in settings.backends if reasons[name] is None], {n: r for n, r in reasons.items() if r}
+
+
+def warm_up_process(device: torch.device, settings) -> None:
+    """A tiny case through every candidate, so that one-time setup stays out of the first-call times."""
+    for dtype in settings.dtypes:
+        for generate in (False, True):
+            tiny = Workload("warm-up", ("lstm",), 1, 8, 8, 2, 2, "", generate)
+            module, x, projection = build(tiny, "lstm", dtype, device)
+            for candidate in make_candidates(module, tiny, "lstm", device, backends_to_run(settings, device, dtype)[0]):
+                forward_fn(candidate, x, generate)()
+                if not generate:
+                    train_step_fn(candidate, x, projection)()
+
+
+def run_case(workload: Workload, cell: str, dtype: torch.dtype, device: torch.device, settings) -> dict:
+    names, skipped = backends_to_run(settings, device, dtype)
+    module, x, projection = build(workload, cell, dtype, device)
+    candidates = make_candidates(module, workload, cell, device, names)
+
+    first_calls = {c.name: first_call_ms(c, x, workload.generate, device) for c in candidates}
+    verdicts = check(candidates, module, x, projection, workload.generate)
+    correct = [c for c in candidates if verdicts[c.name]["correct"]]
+    tasks = {(c.name, "fwd"): forward_fn(c, x, workload.generate) for c in correct}
+    if not workload.generate:
+        tasks.update({(c.name, "train"): train_step_fn(c, x, projection) for c in correct})
+    timings = time_tasks(tasks, settings, device, per_call=workload.seq if workload.generate else 1)
+    peaks = {c.name: train_peak_bytes(tasks[c.name, "train"], device) for c in correct if not workload.generate}
+
+    results = []
+    for candidate in candidates:
+        result = {"candidate": candidate.name, "first_call_ms": first_calls[candidate.name], **verdicts[candidate.name]}
+        for kind in ("fwd", "train"):
+            timing = timings.get((candidate.name, kind))
+            baseline = timings.get((TORCH, kind))
+            result[kind] = timing
+            result[f"{kind}_speedup"] = baseline["median"] / timing["median"] if timing and baseline else None
+        result["train_peak_bytes"] = peaks.get(candidate.name)
+        results.append(result)
+    results += [{"candidate": name, "skipped": reason} for name, reason in skipped.items()]
+    return {"workload": workload.name, "cell": cell, "dtype": str(dtype).removeprefix("torch."),
+            "fwd_unit": "ms per step" if workload.generate else "ms per call", "results": results}
+
+
+# --- reporting -----------------------------------------------------------------------------------
+
+
+def ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.3g}"
+
+
+def timing_text(timing: dict | None) -> str:
+    """Median, with half the interquartile range as a percentage of it."""
+    if timing is None:
+        return "-"
+    return f"{ms(timing['median'])} ±{50 * (timing['q3'] - timing['q1']) / timing['median']:.0f}%"
+
+
+def progress_line(case: dict, index: int, total: int, seconds: float) -> str:
+    parts = []
+    for result in case["results"]:
+        if "skipped" in result:
+            parts.append(f"{result['candidate']} skipped ({result['skipped']})")
+        elif not result["correct"]:
+            parts.append(f"{result['candidate']} WRONG ({result.get('error') or ', '.join(result['failing'])})")
+        else:
+            train = f" train {ms(result['train']['median'])}" if result["train"] else ""
+            parts.append(f"{result['candidate']} fwd {ms(result['fwd']['median'])}{train}")
+    return f"[{index}/{total}] {case['workload']} {case['cell']} {case['dtype']}: {' | '.join(parts)} ms ({seconds:.1f} s)"
+
+
+def table(cases: list[dict], device: torch.device) -> str:
+    header = ["workload", "cell", "dtype", "backend", "fwd ms", "train ms", "fwd x", "train x", "first ms"]
+    header += ["peak MiB"] if device.type == "cuda" else []
+    rows = [header + ["correct"]]
+    for case in cases:
+        for r in case["results"]:
+            if "skipped" in r:
+                continue
+            speedups = [f"{r[key]:.2f}x" if r[key] else "-" for key in ("fwd_speedup", "train_speedup")]
+            row = [case["workload"], case["cell"], case["dtype"], r["candidate"], timing_text(r["fwd"]),
+                   timing_text(r["train"]), *speedups, ms(r["first_call_ms"])]
+            if device.type == "cuda":
+                row.append(f"{r['train_peak_bytes'] / 2**20:.0f}" if r["train_peak_bytes"] else "-")
+            rows.append(row + ["yes" if r["correct"] else "NO"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) + 1)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    notes = ("generate-* fwd: ms per single step at batch 1. ±: half the interquartile range over repeats, "
+             "as % of the median. x: torch.nn time / this time.")
+    return "\n".join(lines + ["", notes])
+
+
+def git_commit() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def metadata(device: torch.device) -> dict:
+    cuda = device.type == "cuda"
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([sys.executable, "-m", "rnnkernels.bench", *sys.argv[1:]]),
+        "device": str(device),
+        "cpu": cpu_model(),
+        "cpu_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if cuda else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if cuda else None,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "rnnkernels": rnnkernels.__version__,
+        "git_commit": git_commit(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m rnnkernels.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workloads", help=f"comma-separated, from: {', '.join(w.name for w in WORKLOADS)}")
+    parser.add_argument("--cells", default=",".join(CELLS), help="comma-separated, from: lstm, gru, rnn")
+    parser.add_argument("--dtypes", default="float32", help="comma-separated, e.g. float32,bfloat16")
+    parser.add_argument("--backends", help="comma-separated rnnkernels backends (default: every one that "
+                        "supports the device and dtype, but the slow 'reference')")
+    parser.add_argument("--quick", action="store_true", help="the QUICK workloads, fewer repeats")
+    parser.add_argument("--repeats", type=int, help="timed samples per figure (default 5 with --quick, else 15)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
+    parser.add_argument("--min-sample-ms", type=float, default=20.0, help="back-to-back calls per sample "
+                        "last at least this long (default 20)")
+    parser.add_argument("--json", type=Path, help="write every figure and the run's metadata here")
+    args = parser.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    try:
+        args.workloads = lookup(args.workloads) if args.workloads else QUICK if args.quick else WORKLOADS
+    except ValueError as error:
+        parser.error(str(error))
+    args.cells = [cell.strip() for cell in args.cells.split(",")]
+    args.dtypes = [getattr(torch, name.strip(), None) for name in args.dtypes.split(",")]
+    args.backends = [name.strip() for name in args.backends.split(",")] if args.backends else None
+    if any(cell not in CELLS for cell in args.cells):
+        parser.error(f"--cells: choose from {CELLS}")
+    if any(not isinstance(dtype, torch.dtype) or not dtype.is_floating_point for dtype in args.dtypes):
+        parser.error("--dtypes: floating-point torch dtypes, e.g. float32,bfloat16")
+    if args.backends and any(name not in backends.BACKENDS for name in args.backends):
+        parser.error(f"--backends: choose from {backends.BACKENDS}")
+    args.repeats = args.repeats or (5 if args.quick else 15)
+    if args.repeats < 2 or args.warmup < 1:
+        parser.error("--repeats must be at least 2 and --warmup at least 1")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    cases = [(w, cell, dtype) for w in args.workloads for cell in w.cells if cell in args.cells for dtype in args.dtypes]
+    report = {"metadata": metadata(device), "settings": {
+        "repeats": args.repeats, "warmup": args.warmup, "min_sample_ms": args.min_sample_ms,
+        "backends": args.backends, "workloads": [dataclasses.asdict(w) for w in args.workloads]}, "cases": []}
+    print(f"rnnkernels.bench on {device} ({report['metadata']['gpu'] or report['metadata']['cpu']}), "
+          f"{len(cases)} cases, {args.repeats} repeats", file=sys.stderr)
+    warm_up_process(device, args)
+    for index, (workload, cell, dtype) in enumerate(cases, 1):
+        start = time.perf_counter()
+        case = run_case(workload, cell, dtype, device, args)
+        report["cases"].append(case)
+        print(progress_line(case, index, len(cases), time.perf_counter() - start), file=sys.stderr, flush=True)
+    print(table(report["cases"], device))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
