@@ -24,6 +24,9 @@ const char* kCells[] = {"lstm", "gru", "rnn_tanh", "rnn_relu"};
 }  // namespace
 
 TORCH_LIBRARY(rnnkernels, m) {
+  // The input projection x w^T + b of all time steps as one GEMM, on the CPU through oneDNN, which is
+  // up to twice as fast as the BLAS behind F.linear on some CPUs; elsewhere F.linear runs instead.
+  m.def("linear(Tensor x, Tensor w, Tensor? b) -> Tensor");
   for (const char* cell : kCells) {
     m.def((std::string(cell) + "_forward" + kForwardArgs).c_str());
     m.def((std::string(cell) + "_backward" + kBackwardArgs).c_str());
@@ -32,6 +35,7 @@ TORCH_LIBRARY(rnnkernels, m) {
 
 TORCH_LIBRARY_IMPL(rnnkernels, CPU, m) {
   using rnnkernels::Cell;
+  m.impl("linear", &rnnkernels::linear_cpu);
   m.impl("lstm_forward", &rnnkernels::forward_cpu<Cell::LSTM>);
   m.impl("lstm_backward", &rnnkernels::backward_cpu<Cell::LSTM>);
   m.impl("gru_forward", &rnnkernels::forward_cpu<Cell::GRU>);

@@ -82,3 +82,8 @@ def select(requested: str, device: torch.device, dtype: torch.dtype) -> str:
 def recurrence_fn(name: str):
     """The function that runs one layer and direction on backend `name` (contract: reference.recurrence)."""
     return reference.recurrence if name == "reference" else ops.recurrence
+
+
+def linear_fn(name: str):
+    """The input projection F.linear(x, w, b) on backend `name`."""
+    return ops.linear if name == "cpu" else torch.nn.functional.linear

@@ -122,18 +122,18 @@ def check(candidates: list[Candidate], module: nn.Module, x, projection, generat
     error in this dtype plus a floor of a few units of roundoff."""
     exact = results_for_check(copy.deepcopy(module).double(), x.double(), projection.double(), generate)
     floor = 4 * torch.finfo(x.dtype).eps
-    verdicts = {}
-    for candidate in candidates:  # torch.nn first: its errors set the bounds
+    verdicts, errors = {}, {}
+    for candidate in candidates:
         try:
             with candidate.context():
                 results = results_for_check(candidate.module, x, projection, generate)
+            errors[candidate.name] = {key: relative_error(value, exact[key]) for key, value in results.items()}
         except RuntimeError as error:
             verdicts[candidate.name] = {"correct": False, "error": str(error)}
-            continue
-        errors = {key: relative_error(value, exact[key]) for key, value in results.items()}
-        bounds = {key: 2 * verdicts.get(TORCH, {"errors": errors})["errors"][key] + floor for key in errors}
-        failing = [key for key in errors if not errors[key] <= bounds[key]]  # NaN fails too
-        verdicts[candidate.name] = {"correct": not failing, "failing": failing, "errors": errors, "bounds": bounds}
+    for name, own in errors.items():
+        bounds = {key: 2 * errors[TORCH][key] + floor for key in own}
+        failing = [key for key in own if not own[key] <= bounds[key]]  # NaN fails too
+        verdicts[name] = {"correct": not failing, "failing": failing, "errors": own, "bounds": bounds}
     return verdicts
 
 

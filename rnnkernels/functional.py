@@ -37,7 +37,7 @@ def rnn(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """x (T, B, input), h0 (layers*dirs, B, P), c0 (layers*dirs, B, H) for LSTM; lengths (B) int64 on the
     CPU or None. Returns (output (T, B, dirs*P), h_n, c_n); c_n is None but for LSTM."""
-    run = backends.recurrence_fn(backend)
+    run, project = backends.recurrence_fn(backend), backends.linear_fn(backend)
     directions = 2 if bidirectional else 1
     h_n, c_n = [], []
     for layer in range(num_layers):
@@ -45,7 +45,7 @@ def rnn(
         for direction in range(directions):
             index = layer * directions + direction
             w = weights[index]
-            gx = F.linear(x, w.w_ih, w.b_ih)
+            gx = project(x, w.w_ih, w.b_ih)
             out, h, c = run(
                 cell, gx, h0[index], None if c0 is None else c0[index], w.w_hh, w.b_hh, w.w_hr, lengths,
                 direction == 1,

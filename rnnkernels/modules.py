@@ -8,7 +8,6 @@ from rnnkernels.backends.BACKENDS).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
@@ -169,7 +168,7 @@ class _CellBase(_Twin):
         self._check(input, states)
 
         backend = backends.select(self.backend, input.device, input.dtype)
-        gx = F.linear(input, self.weight_ih, self.bias_ih).unsqueeze(0)
+        gx = backends.linear_fn(backend)(input, self.weight_ih, self.bias_ih).unsqueeze(0)
         _, h, c = backends.recurrence_fn(backend)(
             self._cell_name(), gx, states[0], states[1] if is_lstm else None, self.weight_hh, self.bias_hh,
             None, None, False,

@@ -99,7 +99,25 @@ def _autograd_backward(cell: str):
     return backward
 
 
+def _linear_setup_context(ctx, inputs, output):
+    x, w, b = inputs
+    ctx.save_for_backward(x, w)
+    ctx.has_bias = b is not None
+
+
+def _linear_backward(ctx, grad):
+    x, w = ctx.saved_tensors
+    grad = grad.contiguous()  # oneDNN takes transposed views, not the broadcast ones autograd can hand over
+    linear = torch.ops.rnnkernels.linear
+    grad_x = linear(grad, w.t(), None) if ctx.needs_input_grad[0] else None
+    grad_w = linear(grad.t(), x.t(), None) if ctx.needs_input_grad[1] else None
+    grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return grad_x, grad_w, grad_b
+
+
 def _register() -> None:
+    torch.library.register_fake("rnnkernels::linear")(lambda x, w, b: x.new_empty(x.shape[0], w.shape[0]))
+    torch.library.register_autograd("rnnkernels::linear", _linear_backward, setup_context=_linear_setup_context)
     for cell in CELLS:
         forward_name, backward_name = f"rnnkernels::{cell}_forward", f"rnnkernels::{cell}_backward"
         torch.library.register_fake(forward_name)(_fake_forward(cell))
@@ -109,6 +127,12 @@ def _register() -> None:
 
 if LOAD_ERROR is None:
     _register()
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """F.linear for x of any rank through the compiled operator (oneDNN on the CPU)."""
+    rows = torch.ops.rnnkernels.linear(x.reshape(-1, x.shape[-1]), w, b)
+    return rows.view(*x.shape[:-1], w.shape[0])
 
 
 def forward_op(cell: str):

@@ -381,6 +381,16 @@ Tensors6 backward_cpu(const Tensor& grad_output_in, const Tensor& grad_h_n,
   return {grad_gx, dh, dc, grad_w_hh, grad_b_hh, grad_w_hr};
 }
 
+Tensor linear_cpu(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
+              "rnnkernels.linear: expects x [rows, k] and w [n, k], got ", x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(!b.has_value() || (b->dim() == 1 && b->size(0) == w.size(0)),
+              "rnnkernels.linear: b must have shape [", w.size(0), "]");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type() && (!b.has_value() || b->scalar_type() == w.scalar_type()),
+              "rnnkernels.linear: x, w and b must share a dtype");
+  return Linear(w, b, x.size(0), 1)(x);
+}
+
 #define RNNKERNELS_INSTANTIATE(cell)                                                                     \
   template Tensors4 forward_cpu<cell>(const Tensor&, const Tensor&, const std::optional<Tensor>&,        \
                                       const Tensor&, const std::optional<Tensor>&,                       \

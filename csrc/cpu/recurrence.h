@@ -25,4 +25,7 @@ Tensors6 backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                       const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
                       bool reverse, const at::Tensor& output, const at::Tensor& workspace);
 
+// x w^T + b for 2-D x (any strides): the input projection and its gradients on the CPU.
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b);
+
 }  // namespace rnnkernels
