@@ -61,7 +61,7 @@ struct Fn<float> {
   static RK_HD float exp(float x) { return host_expf(x); }
   static RK_HD float tanh(float x) { return host_tanhf(x); }
 #endif
-  static RK_HD float relu(float x) { return x > 0.f ? x : 0.f; }
+  static RK_HD float relu(float x) { return x > 0.f || x != x ? x : 0.f; }  // NaN stays NaN
   static RK_HD float positive(float x) { return x > 0.f ? 1.f : 0.f; }
 };
 
@@ -69,7 +69,7 @@ template <>
 struct Fn<double> {
   static RK_HD double exp(double x) { return ::exp(x); }
   static RK_HD double tanh(double x) { return ::tanh(x); }
-  static RK_HD double relu(double x) { return x > 0. ? x : 0.; }
+  static RK_HD double relu(double x) { return x > 0. || x != x ? x : 0.; }
   static RK_HD double positive(double x) { return x > 0. ? 1. : 0.; }
 };
 

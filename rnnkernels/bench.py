@@ -21,6 +21,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -358,6 +359,7 @@ def metadata(device: torch.device) -> dict:
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "rnnkernels": rnnkernels.__version__,
         "git_commit": git_commit(),
+        "load_average_at_start": os.getloadavg(),  # 1, 5, 15 min: other work skews the figures
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
@@ -375,7 +377,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--backends", help="comma-separated rnnkernels backends (default: every one that "
                         "supports the device and dtype, but the slow 'reference')")
     parser.add_argument("--quick", action="store_true", help="the QUICK workloads, fewer repeats")
-    parser.add_argument("--repeats", type=int, help="timed samples per figure (default 5 with --quick, else 15)")
+    parser.add_argument("--repeats", type=int, help="timed samples per figure (default 10 with --quick, else 20)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
     parser.add_argument("--min-sample-ms", type=float, default=20.0, help="back-to-back calls per sample "
                         "last at least this long (default 20)")
@@ -397,7 +399,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--dtypes: floating-point torch dtypes, e.g. float32,bfloat16")
     if args.backends and any(name not in backends.BACKENDS for name in args.backends):
         parser.error(f"--backends: choose from {backends.BACKENDS}")
-    args.repeats = args.repeats or (5 if args.quick else 15)
+    args.repeats = args.repeats or (10 if args.quick else 20)
     if args.repeats < 2 or args.warmup < 1:
         parser.error("--repeats must be at least 2 and --warmup at least 1")
     return args
@@ -418,6 +420,7 @@ def main(argv=None) -> None:
         case = run_case(workload, cell, dtype, device, args)
         report["cases"].append(case)
         print(progress_line(case, index, len(cases), time.perf_counter() - start), file=sys.stderr, flush=True)
+    report["metadata"]["load_average_at_end"] = os.getloadavg()
     print(table(report["cases"], device))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

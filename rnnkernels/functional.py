@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import backends
 
@@ -20,6 +21,15 @@ class LayerWeights:
 
     def __init__(self, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None):
         self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_hr = w_ih, w_hh, b_ih, b_hh, w_hr
+
+
+def _dropout(x: Tensor, p: float, lengths: Tensor | None) -> Tensor:
+    """Dropout between layers drawn as torch.nn draws it: over the packed data when sequences have lengths."""
+    if lengths is None:
+        return F.dropout(x, p, training=True)
+    packed = pack_padded_sequence(x, lengths)
+    dropped = PackedSequence(F.dropout(packed.data, p, training=True), packed.batch_sizes)
+    return pad_packed_sequence(dropped, total_length=x.size(0))[0]
 
 
 def rnn(
@@ -55,5 +65,5 @@ def rnn(
             c_n.append(c)
         x = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
         if dropout > 0 and training and layer < num_layers - 1:
-            x = F.dropout(x, dropout, training=True)
+            x = _dropout(x, dropout, lengths)
     return x, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)

@@ -1,11 +1,17 @@
 """Drop-in twins of torch.nn.RNN, GRU, LSTM and their cells.
 
-Each subclasses its torch.nn module, so the constructor, parameters, initialisation, state_dict and
-argument checks are torch.nn's own; only forward differs, and one keyword: ``backend`` ("auto" or a name
-from rnnkernels.backends.BACKENDS).
+A twin is built by torch.nn's own constructor and takes over the module it made (the parameters,
+initialisation, state_dict names and argument checks are torch.nn's); only forward differs, plus one
+keyword: ``backend`` ("auto" or a name from rnnkernels.backends.BACKENDS).
+
+The sequence twins derive from torch.nn.RNNBase, not from torch.nn.RNN/GRU/LSTM themselves:
+torch.compile refuses to trace any instance of those three classes. The cells derive from their
+torch.nn class.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +26,14 @@ class _Twin:
     _torch_class: type[nn.Module]
     backend: str
 
-    def _set_backend(self, backend: str) -> None:
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        self._adopt(self._torch_class(*args, **kwargs), backend)
+
+    def _adopt(self, module: nn.Module, backend: str) -> None:
+        # The parameters stay the same tensors; the containers (parameter and hook dicts, the list of
+        # flat weights) are copies, so that changing one module leaves the other as it was.
+        for name, value in module.__dict__.items():
+            self.__dict__[name] = copy.copy(value) if isinstance(value, (dict, list)) else value
         self.backend = backends.check_name(backend)
 
     @classmethod
@@ -29,10 +42,7 @@ class _Twin:
         if type(module) is not cls._torch_class:
             raise TypeError(f"{cls.__name__}.from_torch expects a {cls._torch_class.__name__}, got {type(module).__name__}")
         twin = cls.__new__(cls)
-        twin.__dict__.update(module.__dict__)
-        for attribute in ("_parameters", "_buffers", "_modules"):
-            setattr(twin, attribute, dict(getattr(module, attribute)))
-        twin._set_backend(backend)
+        twin._adopt(module, backend)
         return twin
 
     def extra_repr(self) -> str:
@@ -42,10 +52,6 @@ class _Twin:
 
 class _RNNBase(_Twin):
     """forward of RNN, GRU and LSTM: torch.nn's contract (batched or not, batch_first, PackedSequence, hx)."""
-
-    def __init__(self, *args, backend: str = "auto", **kwargs):
-        super().__init__(*args, **kwargs)
-        self._set_backend(backend)
 
     def _layer_weights(self) -> list[functional.LayerWeights]:
         layers = []
@@ -74,7 +80,7 @@ class _RNNBase(_Twin):
                 hx = self.permute_hidden(hx, sorted_indices)
         else:
             if input.dim() not in (2, 3):
-                name = "LSTM" if is_lstm else "RNN"
+                name = self._torch_class.__name__
                 raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
             is_batched = input.dim() == 3
             if not is_batched:
@@ -124,16 +130,20 @@ def _check_hidden_dims(hx, dims: int, is_lstm: bool) -> None:
         raise RuntimeError(f"For {kind} input, hx should also be {dims}-D but got {hx.dim()}-D tensor")
 
 
-class RNN(_RNNBase, nn.RNN):
+class RNN(_RNNBase, nn.RNNBase):
     _torch_class = nn.RNN
 
 
-class GRU(_RNNBase, nn.GRU):
+class GRU(_RNNBase, nn.RNNBase):
     _torch_class = nn.GRU
 
 
-class LSTM(_RNNBase, nn.LSTM):
+class LSTM(_RNNBase, nn.RNNBase):
     _torch_class = nn.LSTM
+    # torch.nn.LSTM's checks of the (h, c) pair.
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
 
 
 class _CellBase(_Twin):
@@ -141,12 +151,12 @@ class _CellBase(_Twin):
 
     _cell: str
 
-    def __init__(self, *args, backend: str = "auto", **kwargs):
-        super().__init__(*args, **kwargs)
-        self._set_backend(backend)
-
     def _cell_name(self) -> str:
-        return self._cell if self._cell != "rnn" else f"rnn_{self.nonlinearity}"
+        if self._cell != "rnn":
+            return self._cell
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+        return f"rnn_{self.nonlinearity}"
 
     def forward(self, input: Tensor, hx=None):
         name = type(self).__name__
@@ -167,10 +177,11 @@ class _CellBase(_Twin):
             states = [zeros, zeros] if is_lstm else [zeros]
         self._check(input, states)
 
+        cell = self._cell_name()
         backend = backends.select(self.backend, input.device, input.dtype)
         gx = backends.linear_fn(backend)(input, self.weight_ih, self.bias_ih).unsqueeze(0)
         _, h, c = backends.recurrence_fn(backend)(
-            self._cell_name(), gx, states[0], states[1] if is_lstm else None, self.weight_hh, self.bias_hh,
+            cell, gx, states[0], states[1] if is_lstm else None, self.weight_hh, self.bias_hh,
             None, None, False,
         )
         if not is_batched:

@@ -68,6 +68,8 @@ def _setup_context(ctx, inputs, output):
     _, h0, c0, w_hh, b_hh, w_hr, lengths, reverse = inputs
     out, _, _, workspace = output
     ctx.save_for_backward(h0, c0, w_hh, w_hr, lengths, out, workspace)
+    # Unused outputs (the workspace, often h_n) get no zero-filled gradient; backward handles None.
+    ctx.set_materialize_grads(False)
     ctx.reverse = reverse
     ctx.has_bias = b_hh is not None
 

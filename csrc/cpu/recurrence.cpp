@@ -9,6 +9,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cstring>
+#include <vector>
 
 #include "../cell_math.h"
 #include "../recurrence_args.h"
@@ -48,38 +49,66 @@ c10::IValue call_op(const char* name, torch::jit::Stack stack) {
   return stack[0];
 }
 
-// x -> x w^T (+ b) for a fixed 2-D weight w (any strides), as F.linear computes it, called `calls` times on inputs
-// of `rows` rows. Reordering w into oneDNN's blocked layout costs a few GEMMs' time and saves 15-30%
-// of each later one, so it pays only for a weight that many time steps reuse.
+// Columns [k, k + count) of a matrix, in a layout oneDNN reads in place: contiguous or the transpose of
+// contiguous. It sends any other strides down a reference path hundreds of times slower.
+Tensor columns(const Tensor& m, int64_t k, int64_t count) {
+  const Tensor slice = m.narrow(1, k, count);
+  return slice.is_contiguous() || slice.t().is_contiguous() ? slice : slice.contiguous();
+}
+
+// x -> x w^T (+ b) for a fixed 2-D weight w, as F.linear computes it, called `calls` times on inputs of
+// `rows` rows.
+//  - oneDNN keeps the whole reduction over K in one running sum, up to 3.6x less accurate at K = 1000
+//    than the partial sums of the BLAS behind torch.nn's GRU and RNN; adding up products over slices
+//    of at most kSlice columns brings the error back to theirs.
+//  - Reordering w into oneDNN's blocked layout costs a few GEMMs' time and saves 15-30% of each later
+//    one, so a weight that many time steps reuse is reordered once.
 class Linear {
  public:
+  static constexpr int64_t kSlice = 256;
   static constexpr int64_t kReorderFromCalls = 8;
 
   Linear(const Tensor& w, const std::optional<Tensor>& b, int64_t rows, int64_t calls)
-      : w_(w), b_(b), onednn_(use_onednn(w) && rows > 0) {
-    if (onednn_ && calls >= kReorderFromCalls) {
-      w_ = call_op("reorder", {w.contiguous(), c10::IValue(rows)}).toTensor();
+      : b_(b), onednn_(use_onednn(w) && rows > 0 && w.size(1) > 0) {
+    if (!onednn_) {
+      slices_.push_back(w);
+      return;
+    }
+    for (int64_t k = 0; k < w.size(1); k += kSlice) {
+      Tensor slice = columns(w, k, std::min(kSlice, w.size(1) - k));
+      if (calls >= kReorderFromCalls) {
+        slice = call_op("reorder", {slice.contiguous(), c10::IValue(rows)}).toTensor();
+      }
+      slices_.push_back(slice);
     }
   }
 
   Tensor operator()(const Tensor& x) const {
-    if (onednn_) {
-      return call_op("linear", {x, w_, b_.has_value() ? c10::IValue(*b_) : c10::IValue(),
-                                c10::IValue(std::string("none")),
-                                c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue()})
-          .toTensor();
+    if (!onednn_) {
+      return b_.has_value() ? at::addmm(*b_, x, slices_[0].t()) : at::mm(x, slices_[0].t());
     }
-    return b_.has_value() ? at::addmm(*b_, x, w_.t()) : at::mm(x, w_.t());
+    Tensor y;
+    for (size_t i = 0; i < slices_.size(); ++i) {
+      const bool first = i == 0;
+      const Tensor part =
+          call_op("linear", {columns(x, i * kSlice, slices_[i].size(1)), slices_[i],
+                             first && b_.has_value() ? c10::IValue(*b_) : c10::IValue(),
+                             c10::IValue(std::string("none")),
+                             c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue()})
+              .toTensor();
+      y = first ? part : y.add_(part);
+    }
+    return y;
   }
 
  private:
-  Tensor w_;
+  std::vector<Tensor> slices_;
   std::optional<Tensor> b_;
   bool onednn_;
 };
 
 // a^T b for row-major a (K, M) and b (K, N): the whole-sequence weight gradients. oneDNN reads the
-// transposed views in place, faster than copying them.
+// transposed views in place, and their column slices stay transposed-contiguous.
 Tensor matmul_tn(const Tensor& a, const Tensor& b) {
   return Linear(b.t(), std::nullopt, a.size(1), 1)(a.t());
 }
@@ -99,7 +128,7 @@ struct Steps {
 // Runs fn(b) for every sequence b active at time t, split over threads when the work is worth it.
 template <typename F>
 void for_active_rows(const Steps& steps, int64_t t, int64_t B, int64_t row_work, const F& fn) {
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(row_work, 1));
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(row_work, 1));
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       if (steps.active(t, b)) fn(b);
@@ -107,8 +136,9 @@ void for_active_rows(const Steps& steps, int64_t t, int64_t B, int64_t row_work,
   });
 }
 
-// A (T, B, width) buffer the sweep writes at every active (t, b); the rows of finished sequences
-// must read as zeros, so only then does it need clearing.
+// A (T, B, width) buffer the sweep writes at every active (t, b). Rows of finished sequences, which no
+// step writes, must read as zeros (outputs and gradients, by torch.nn's contract; the rest so that
+// every output of the operator is deterministic), so only with lengths does it need clearing.
 Tensor sweep_buffer(const Steps& steps, int64_t B, int64_t width, const at::TensorOptions& options) {
   return steps.lengths ? at::zeros({steps.T, B, width}, options) : at::empty({steps.T, B, width}, options);
 }
@@ -326,7 +356,7 @@ Tensors4 forward_cpu(const Tensor& gx_in, const Tensor& h0, const std::optional<
                               lengths = contiguous(lengths_in);
   const Steps steps{d.T, reverse, lengths ? lengths->data_ptr<int64_t>() : nullptr};
   Tensor output = sweep_buffer(steps, d.B, d.P, gx.options());
-  Tensor workspace = at::empty({d.T, d.B, workspace_width(cell, d.H)}, gx.options());
+  Tensor workspace = sweep_buffer(steps, d.B, workspace_width(cell, d.H), gx.options());
   Tensor h = h0.contiguous().clone();
   Tensor c = cell == Cell::LSTM ? c0->contiguous().clone() : at::empty({0}, gx.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gx.scalar_type(), "rnnkernels_forward_cpu", [&] {

@@ -1,0 +1,133 @@
+"""The gate math of csrc/cell_math.h (the fast branch-free float exp/tanh included) against the reference
+recurrence: float32 (and bfloat16) results of the compiled cpu operators against float64, under the
+correctness rule, with pre-activations from small to saturating (gx scaled by up to 50)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import assert_results
+from rnnkernels import ops, reference
+
+pytestmark = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="compiled extension not loaded")
+
+F32_EPS = 2.0**-24  # half an ulp of 1.0
+
+
+def special_points() -> torch.Tensor:
+    grid = torch.linspace(-100, 100, 200001)
+    edges = torch.tensor([0.0, 1e-30, -1e-20, 1e-7, 0.625, -0.625, 0.6249999, 0.6250001, 9.0, -9.0, 15.9, -15.9,
+                          43.6, 87.3, -87.3, 88.3, -88.3, 88.72, -88.72, 89.0, -104.0, 1e4, -1e4, 3e38, -3e38])
+    return torch.cat([grid, edges, edges.nextafter(torch.tensor(float("inf")))]).float()
+
+
+def test_sigmoid_and_tanh_within_two_ulps():
+    """One LSTM step with w_hh = 0, c0 = 0 stores sigmoid(i), sigmoid(f), tanh(g), sigmoid(o) of the raw
+    pre-activations in its workspace; the rnn_tanh output is tanh of them. All within 2 float ulps."""
+    x = special_points()
+    n = x.numel()
+    gx = x.view(1, n, 1).repeat(1, 1, 4).contiguous()
+    _, _, _, ws = ops.forward_op("lstm")(gx, torch.zeros(n, 1), torch.zeros(n, 1), torch.zeros(4, 1), None, None, None, False)
+    out, _, _, _ = ops.forward_op("rnn_tanh")(x.view(1, n, 1), torch.zeros(n, 1), None, torch.zeros(1, 1), None, None, None, False)
+    relu, _, _, _ = ops.forward_op("rnn_relu")(x.view(1, n, 1), torch.zeros(n, 1), None, torch.zeros(1, 1), None, None, None, False)
+    exact = {"sigmoid": torch.sigmoid(x.double()), "tanh": torch.tanh(x.double())}
+    for name, got in [("sigmoid", ws[0, :, 0]), ("sigmoid", ws[0, :, 1]), ("tanh", ws[0, :, 2]),
+                      ("sigmoid", ws[0, :, 3]), ("tanh", out[0, :, 0])]:
+        err = (got.double() - exact[name]).abs()
+        assert err.max().item() <= 2 * F32_EPS, (name, err.max().item(), x[err.argmax()].item())
+        big = exact[name].abs() > 1e-30
+        rel = (err[big] / exact[name][big].abs()).max().item()
+        assert rel <= 4 * F32_EPS, (name, rel)
+        assert bool(((got >= -1) & (got <= 1)).all()), name
+    assert torch.equal(relu[0, :, 0], x.clamp_min(0))
+    # saturation is exact where float rounds to it
+    assert ws[0, x > 20, 0].eq(1).all() and ws[0, x < -90, 0].lt(1e-38).all()
+    assert ws[0, x > 10, 2].eq(1).all() and ws[0, x < -10, 2].eq(-1).all()
+
+
+CASES = [("lstm", False), ("lstm", True), ("gru", False), ("rnn_tanh", False), ("rnn_relu", False)]
+
+
+def make_args(cell, projected, scale, T, B, H, P, lengths, reverse, seed):
+    g = torch.Generator().manual_seed(seed)
+    G = reference.GATES[cell]
+    P = P if projected else H
+
+    def rand(*shape, s=1.0):
+        return torch.randn(*shape, dtype=torch.float64, generator=g) * s
+
+    return [rand(T, B, G * H, s=scale), rand(B, P), rand(B, H) if cell == "lstm" else None,
+            rand(G * H, P, s=1.0 / P**0.5), rand(G * H), rand(P, H, s=1.0 / H**0.5) if projected else None,
+            None if lengths is None else torch.tensor(lengths), reverse]
+
+
+def run_op(fn, cell, args, dtype):
+    """Forward and backward of a fixed functional of (output, h_n, c_n); inputs cast to dtype first."""
+    inputs = [a.to(dtype).requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    output, h_n, c_n = fn(cell, *inputs)
+    outs = {"output": output, "h_n": h_n, "c_n": c_n if cell == "lstm" else None}
+    g = torch.Generator().manual_seed(123)
+    loss = sum((v.double() * torch.randn(v.shape, dtype=torch.float64, generator=g)).sum() for v in outs.values() if v is not None)
+    names = ["gx", "h0", "c0", "w_hh", "b_hh", "w_hr"]
+    wrt = [(n, a) for n, a in zip(names, inputs) if isinstance(a, torch.Tensor) and a.requires_grad]
+    grads = torch.autograd.grad(loss, [a for _, a in wrt])
+    outs.update({f"grad_{n}": gr for (n, _), gr in zip(wrt, grads)})
+    return {k: (v.detach() if v is not None else None) for k, v in outs.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("scale", [0.5, 3.0, 50.0])
+@pytest.mark.parametrize("cell,projected", CASES, ids=["lstm", "lstm_w_hr", "gru", "rnn_tanh", "rnn_relu"])
+def test_compiled_ops_vs_reference(cell, projected, scale, dtype):
+    """Random recurrences, gx scaled by `scale` (50: deep in the saturated regions), lengths and reverse."""
+    for seed, (lengths, reverse) in enumerate([(None, False), ([7, 3, 0, 7, 5], True), ([1, 7, 6, 2, 7], False)]):
+        args = make_args(cell, projected, scale, T=7, B=5, H=19, P=6, lengths=lengths, reverse=reverse, seed=seed)
+        ours = run_op(ops.recurrence, cell, args, dtype)
+        baseline = run_op(reference.recurrence, cell, args, dtype)
+        exact = run_op(reference.recurrence, cell, args, torch.float64)
+        assert_results(ours, baseline, exact, dtype)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_float64_ops_match_reference_tightly(cell):
+    args = make_args(cell, False, 50.0, T=6, B=4, H=9, P=3, lengths=[6, 2, 0, 5], reverse=True, seed=3)
+    ours = run_op(ops.recurrence, cell, args, torch.float64)
+    exact = run_op(reference.recurrence, cell, args, torch.float64)
+    assert_results(ours, exact, exact, torch.float64)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_non_finite_pre_activations_like_torch(cell):
+    """+-inf saturate as torch's sigmoid/tanh do, NaN propagates to the same places (float32)."""
+    args = make_args(cell, False, 1.0, T=3, B=4, H=5, P=5, lengths=None, reverse=False, seed=9)
+    gx = args[0].float()
+    gx[0, 0, :] = float("inf")
+    gx[1, 1, :] = -float("inf")
+    gx[0, 2, 0] = float("nan")
+    gx[2, 3, 1] = 1e30
+    gx[2, 3, 2] = -1e30
+    args = [gx] + [a.float() if isinstance(a, torch.Tensor) else a for a in args[1:]]
+    ours = ops.recurrence(cell, *args)
+    theirs = reference.recurrence(cell, *args)
+    for a, b in zip(ours, theirs):
+        if b is None:
+            continue
+        assert torch.equal(a.isnan(), b.isnan())
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("kind", ["RNN", "RNNCell"])
+def test_relu_rnn_propagates_nan_like_torch(kind):
+    """Minimal module-level reproduction: a NaN in the input must give NaN outputs, as in torch.nn."""
+    import rnnkernels
+
+    torch.manual_seed(0)
+    m = getattr(torch.nn, kind)(2, 3, nonlinearity="relu")
+    t = getattr(rnnkernels, kind).from_torch(m, backend="cpu")
+    x = torch.zeros(2, 1, 2) if kind == "RNN" else torch.zeros(1, 2)
+    x.view(-1)[0] = float("nan")
+    theirs = m(x)[0] if kind == "RNN" else m(x)
+    ours = t(x)[0] if kind == "RNN" else t(x)
+    assert theirs.isnan().all()
+    assert torch.equal(ours.isnan(), theirs.isnan())

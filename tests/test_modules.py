@@ -1,0 +1,343 @@
+"""Every module and option against torch.nn with the same weights: outputs, final states and all gradients
+(input, hx, every parameter), under the correctness rule of tests/helpers.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import rnnkernels
+from helpers import (
+    BACKENDS,
+    CELL_KINDS,
+    DEVICES,
+    RNN_KINDS,
+    backend_on,
+    cell_inputs,
+    check_twin,
+    rnn_inputs,
+    run,
+    torch_module,
+    twin,
+)
+
+I, H, P = 5, 6, 3
+
+# id -> (module keywords, input keywords). "train": module in training mode (dropout active), else eval.
+RNN_CASES = {
+    "basic": ({}, {}),
+    "hx": ({}, {"hx": True}),
+    "two_layers_hx": ({"num_layers": 2}, {"hx": True}),
+    "bidirectional": ({"bidirectional": True}, {}),
+    "two_layers_bidirectional_hx": ({"num_layers": 2, "bidirectional": True}, {"hx": True}),
+    "batch_first_two_layers_hx": ({"batch_first": True, "num_layers": 2}, {"hx": True}),
+    "no_bias_bidirectional_hx": ({"bias": False, "bidirectional": True}, {"hx": True}),
+    "unbatched": ({}, {"unbatched": True}),
+    "unbatched_hx_batch_first_bidir_two_layers": (
+        {"batch_first": True, "bidirectional": True, "num_layers": 2}, {"unbatched": True, "hx": True}),
+    "packed_sorted_hx_two_layers": ({"num_layers": 2}, {"packed": "sorted", "hx": True}),
+    "packed_unsorted_hx_bidir_two_layers": ({"num_layers": 2, "bidirectional": True}, {"packed": "unsorted", "hx": True}),
+    "packed_unsorted_batch_first_no_hx": ({"batch_first": True}, {"packed": "unsorted"}),
+    "packed_unsorted_no_bias_bidir_hx": ({"bias": False, "bidirectional": True}, {"packed": "unsorted", "hx": True}),
+    # Dropout between layers in training mode: torch.nn (CPU) applies F.dropout to each layer's padded
+    # output, as rnnkernels does, so under the same torch.manual_seed the masks are the same and the
+    # results must match exactly as without dropout (checked: the masks do not depend on the dtype).
+    "dropout_train_three_layers_bidir_hx": ({"num_layers": 3, "dropout": 0.4, "bidirectional": True}, {"hx": True, "train": True}),
+    "dropout_train_batch_first": ({"num_layers": 2, "dropout": 0.5, "batch_first": True}, {"train": True}),
+    "dropout_eval": ({"num_layers": 2, "dropout": 0.5}, {"hx": True}),
+}
+LSTM_CASES = {
+    "proj_hx": ({"proj_size": P}, {"hx": True}),
+    "proj_two_layers_bidir_hx": ({"proj_size": P, "num_layers": 2, "bidirectional": True}, {"hx": True}),
+    "proj_packed_unsorted_hx_bidir": ({"proj_size": P, "bidirectional": True, "num_layers": 2}, {"packed": "unsorted", "hx": True}),
+    "proj_unbatched_no_bias": ({"proj_size": P, "bias": False}, {"unbatched": True, "hx": True}),
+    "proj_batch_first_dropout_train": ({"proj_size": 2, "num_layers": 2, "dropout": 0.3, "batch_first": True}, {"train": True}),
+}
+ALL_CASES = [(kind, case) for kind in RNN_KINDS for case in RNN_CASES] + [("LSTM", case) for case in LSTM_CASES]
+
+
+def build_case(kind, case, dtype, backend, construct="from_torch", device="cpu", T=5, B=4):
+    module_kw, input_kw = {**RNN_CASES, **LSTM_CASES}[case]
+    input_kw = dict(input_kw)
+    train = input_kw.pop("train", False)
+    m = torch_module(kind, dtype=dtype, device=device, input_size=I, hidden_size=H, **module_kw)
+    m.train(train)
+    t = twin(m, backend_on(device, backend), construct)
+    x, hx = rnn_inputs(m, T, B, **input_kw)
+    return m, t, x, hx
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,case", ALL_CASES, ids=[f"{k}-{c}" for k, c in ALL_CASES])
+def test_rnn_matches_torch(kind, case, backend, dtype):
+    construct = "load_state_dict" if len(case) % 2 else "from_torch"  # both ways of building a twin
+    m, t, x, hx = build_case(kind, case, dtype, backend, construct)
+    check_twin(m, t, x, hx, seed=1234)
+
+
+BF16_CASES = [("LSTM", "two_layers_bidirectional_hx"), ("LSTM", "proj_packed_unsorted_hx_bidir"),
+              ("GRU", "packed_unsorted_hx_bidir_two_layers"), ("GRU", "batch_first_two_layers_hx"),
+              ("RNN_tanh", "two_layers_bidirectional_hx"), ("RNN_relu", "packed_sorted_hx_two_layers"),
+              ("LSTM", "dropout_train_three_layers_bidir_hx")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,case", BF16_CASES, ids=[f"{k}-{c}" for k, c in BF16_CASES])
+def test_rnn_matches_torch_bfloat16(kind, case, backend):
+    m, t, x, hx = build_case(kind, case, torch.bfloat16, backend)
+    check_twin(m, t, x, hx, seed=99)
+
+
+@pytest.mark.parametrize("kind", list(RNN_KINDS))
+def test_rnn_matches_torch_float16(kind):
+    m, t, x, hx = build_case(kind, "two_layers_bidirectional_hx", torch.float16, "cpu")
+    check_twin(m, t, x, hx)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("kind", list(RNN_KINDS))
+def test_rnn_longer_and_wider(kind, backend):
+    """Sizes past the vector width and the threading grain of the CPU kernels."""
+    module_kw = {"num_layers": 2, "bidirectional": True, **({"proj_size": 13} if kind == "LSTM" else {})}
+    m = torch_module(kind, dtype=torch.float32, input_size=19, hidden_size=37, **module_kw)
+    t = twin(m, backend)
+    x, hx = rnn_inputs(m, T=23, B=9, hx=True, packed="unsorted")
+    check_twin(m, t, x, hx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kind", list(RNN_KINDS))
+def test_non_contiguous_input_and_state(kind, dtype):
+    """Strided views (every other feature, transposed states) go through the kernels' own stride handling."""
+    m = torch_module(kind, dtype=dtype, input_size=I, hidden_size=H, num_layers=2, batch_first=True)
+    t = twin(m, "cpu")
+    g = torch.Generator().manual_seed(5)
+    wide = torch.randn(4, 6, 2 * I, dtype=torch.float64, generator=g).to(dtype)
+    x = wide[:, :, ::2]  # (B, T, I), inner stride 2
+    assert not x.is_contiguous()
+    h = torch.randn(4, 2, H, dtype=torch.float64, generator=g).to(dtype).transpose(0, 1)  # (L, B, H) strided
+    hx = (h, h.flip(-1)) if kind == "LSTM" else h
+    check_twin(m, t, x, hx)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_unsorted_permutation(backend):
+    """hx given in the caller's batch order comes back in the caller's order: each sequence's final state
+    equals that of running it alone, and the output PackedSequence carries torch.nn's index fields."""
+    m = torch_module("LSTM", dtype=torch.float64, input_size=I, hidden_size=H, bidirectional=True)
+    t = twin(m, backend)
+    lengths = torch.tensor([2, 5, 1, 4])
+    x, hx = rnn_inputs(m, T=5, B=4, hx=True, packed="unsorted", lengths=lengths)
+    out, (h_n, c_n) = t(x, hx)
+    ref_out, (ref_h, ref_c) = m(x, hx)
+    assert torch.equal(out.sorted_indices, ref_out.sorted_indices)
+    assert torch.equal(out.unsorted_indices, ref_out.unsorted_indices)
+    assert torch.equal(out.batch_sizes, ref_out.batch_sizes)
+    torch.testing.assert_close(out.data, ref_out.data, atol=1e-10, rtol=0)
+    padded, _ = torch.nn.utils.rnn.pad_packed_sequence(x)
+    for b in range(4):
+        alone, (h_b, c_b) = t(padded[: lengths[b], b], (hx[0][:, b], hx[1][:, b]))
+        torch.testing.assert_close(h_n[:, b], h_b, atol=1e-10, rtol=0)
+        torch.testing.assert_close(c_n[:, b], c_b, atol=1e-10, rtol=0)
+    torch.testing.assert_close(h_n, ref_h, atol=1e-10, rtol=0)
+
+
+def test_packed_dropout_same_rng_as_torch():
+    m = torch_module("GRU", dtype=torch.float64, input_size=I, hidden_size=H, num_layers=2, dropout=0.5)
+    t = twin(m, "cpu")
+    x, _ = rnn_inputs(m, T=5, B=4, packed="unsorted")
+    torch.manual_seed(0)
+    ours = t(x)[0].data
+    torch.manual_seed(0)
+    theirs = m(x)[0].data
+    torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_dropout_statistics(backend):
+    """Where the RNG streams differ (packed input, above), dropout must still behave as dropout: p=0 in
+    training equals eval mode; with p>0, outputs differ between seeds, are reproducible under one seed,
+    and the second layer sees about a fraction p of its inputs zeroed (measured through RNN relu with
+    identity-like weights, whose output is zero exactly where the dropped input was)."""
+    m = torch_module("GRU", dtype=torch.float64, input_size=I, hidden_size=H, num_layers=2, dropout=0.5)
+    t = twin(m, backend)
+    x, _ = rnn_inputs(m, T=5, B=4, packed="unsorted")
+    torch.manual_seed(0)
+    a = t(x)[0].data
+    torch.manual_seed(0)
+    b = t(x)[0].data
+    torch.manual_seed(1)
+    c = t(x)[0].data
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    t.eval()
+    m.eval()
+    torch.testing.assert_close(t(x)[0].data, m(x)[0].data, atol=1e-10, rtol=0)
+
+    # Fraction dropped: a 2-layer relu RNN whose second layer is the identity on positive inputs.
+    p, n = 0.3, 64
+    r = rnnkernels.RNN(n, n, num_layers=2, nonlinearity="relu", dropout=p, bias=False, backend=backend).double()
+    with torch.no_grad():
+        r.weight_ih_l0.copy_(torch.eye(n))
+        r.weight_hh_l0.zero_()
+        r.weight_ih_l1.copy_(torch.eye(n))
+        r.weight_hh_l1.zero_()
+    lengths = torch.randint(1, 40, (50,))
+    lengths[0] = 40
+    xs = pack_padded_sequence(torch.rand(40, 50, n, dtype=torch.float64) + 1.0, lengths, enforce_sorted=False)
+    torch.manual_seed(3)
+    out = r(xs)[0].data
+    dropped = (out == 0).double().mean().item()
+    assert abs(dropped - p) < 0.02, dropped
+    kept = out[out != 0]
+    torch.testing.assert_close(kept, xs.data[out != 0] / (1 - p), atol=1e-12, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- cells
+CELL_CASES = [(kind, unbatched, hx) for kind in CELL_KINDS for unbatched in (False, True) for hx in (False, True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,unbatched,hx", CELL_CASES,
+                         ids=[f"{k}-{'unbatched' if u else 'batched'}-{'hx' if h else 'nohx'}" for k, u, h in CELL_CASES])
+def test_cell_matches_torch(kind, unbatched, hx, backend, dtype):
+    m = torch_module(kind, dtype=dtype, input_size=I, hidden_size=H)
+    t = twin(m, backend, "load_state_dict" if hx else "from_torch")
+    x, h = cell_inputs(m, hx=hx, unbatched=unbatched)
+    check_twin(m, t, x, h)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["f64", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", list(CELL_KINDS))
+def test_cell_no_bias(kind, backend, dtype):
+    m = torch_module(kind, dtype=dtype, input_size=I, hidden_size=H, bias=False)
+    t = twin(m, backend)
+    x, h = cell_inputs(m, B=7, hx=True)
+    check_twin(m, t, x, h)
+
+
+# -------------------------------------------------------------------------------------------- devices
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpu"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind,case", [("LSTM", "proj_packed_unsorted_hx_bidir"), ("GRU", "two_layers_bidirectional_hx"),
+                                       ("RNN_relu", "unbatched_hx_batch_first_bidir_two_layers")])
+def test_rnn_on_device(kind, case, device, backend):
+    m, t, x, hx = build_case(kind, case, torch.float32, backend, device=device)
+    assert next(t.parameters()).device.type == device
+    ours = check_twin(m, t, x, hx)
+    assert ours["output"].device.type == device
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", list(CELL_KINDS))
+def test_cell_on_device(kind, device, backend):
+    m = torch_module(kind, dtype=torch.float32, device=device, input_size=I, hidden_size=H)
+    t = twin(m, backend)
+    x, h = cell_inputs(m, hx=True)
+    check_twin(m, t, x, h)
+
+
+# --------------------------------------------------------------------------------- fresh final states
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", list(RNN_KINDS))
+def test_final_states_are_fresh_tensors(kind, backend):
+    """h_n / c_n can be detached in place (truncated BPTT) and do not share memory with the output."""
+    m = torch_module(kind, dtype=torch.float32, input_size=I, hidden_size=H)  # 1 layer, 1 direction: h_n == output[-1]
+    t = twin(m, backend)
+    x = torch.randn(5, 3, I, requires_grad=True)
+    output, state = t(x)
+    states = state if isinstance(state, tuple) else (state,)
+    saved = output.detach().clone()
+    torch.testing.assert_close(states[0][0], output[-1])
+    for s in states:
+        assert s._base is None, "final state is a view"
+        s.detach_()
+        assert not s.requires_grad and s.grad_fn is None
+        s.zero_()
+    assert torch.equal(output.detach(), saved), "writing h_n changed the output"
+    assert output.requires_grad
+    output.sum().backward()  # the graph is intact after detaching the states
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", list(CELL_KINDS))
+def test_cell_states_are_fresh_tensors(kind, backend):
+    m = torch_module(kind, dtype=torch.float32, input_size=I, hidden_size=H)
+    t = twin(m, backend)
+    x = torch.randn(3, I)
+    h0 = torch.randn(3, H)
+    hx = (h0, torch.randn(3, H)) if kind == "LSTMCell" else h0
+    saved = h0.clone()
+    out = t(x, hx)
+    states = out if isinstance(out, tuple) else (out,)
+    for s in states:
+        s.detach_()
+        s.zero_()
+    assert torch.equal(h0, saved), "the new state aliases the given one"
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_unbatched_states_detach_like_torch(kind):
+    """Unbatched final states: rnnkernels behaves as torch.nn when detaching in place."""
+    m = torch_module(kind, input_size=I, hidden_size=H)
+    t = twin(m, "cpu")
+    x = torch.randn(5, I, requires_grad=True)
+    outcomes = []
+    for module in (m, t):
+        _, state = module(x)
+        s = state[0] if isinstance(state, tuple) else state
+        try:
+            s.detach_()
+            outcomes.append("ok")
+        except RuntimeError:
+            outcomes.append("RuntimeError")
+    assert outcomes[0] == outcomes[1]
+
+
+def test_cpu_backend_has_no_reference_fallback_inside_module(monkeypatch):
+    """backend="cpu" really runs the compiled ops: the reference recurrence is not called."""
+    import rnnkernels.reference as reference
+
+    m = torch_module("GRU", input_size=I, hidden_size=H)
+    t = twin(m, "cpu")
+    calls = []
+    original = reference.recurrence
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "recurrence", spy)
+    t(torch.randn(3, 2, I))
+    assert calls == []
+    with rnnkernels.use_backend("reference"):
+        t(torch.randn(3, 2, I))
+    assert calls == [1]
+
+
+def test_run_helper_catches_a_wrong_result():
+    """The rule can fail: a module whose output is perturbed by 1e-6 relative fails in float64."""
+    m = torch_module("GRU", dtype=torch.float64, input_size=I, hidden_size=H)
+    t = twin(m, "cpu")
+    with torch.no_grad():
+        t.weight_hh_l0.mul_(1 + 1e-6)
+    x, hx = rnn_inputs(m, hx=True)
+    with pytest.raises(AssertionError, match="exceeds"):
+        check_twin(m, t, x, hx)
+    ours, _ = run(t, x, hx)
+    assert set(ours) >= {"output", "h_n", "grad_input", "grad_h0", "grad_weight_hh_l0", "grad_bias_ih_l0"}
+
+
+@pytest.mark.parametrize("kind,case", [("LSTM", "proj_two_layers_bidir_hx"), ("GRU", "packed_unsorted_hx_bidir_two_layers"),
+                                       ("RNN_tanh", "batch_first_two_layers_hx")])
+def test_float32_without_onednn(kind, case):
+    """With oneDNN disabled the CPU kernels take their at::addmm path for float32."""
+    with torch.backends.mkldnn.flags(enabled=False):
+        m, t, x, hx = build_case(kind, case, torch.float32, "cpu")
+        check_twin(m, t, x, hx)

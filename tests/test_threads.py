@@ -1,0 +1,48 @@
+"""The multi-threaded paths of the CPU kernels (the suite otherwise runs on one thread, see conftest.py):
+batches large enough that the per-step row loop is split over threads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import check_twin, rnn_inputs, torch_module, twin
+from rnnkernels import ops
+
+pytestmark = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="compiled extension not loaded")
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_relu"])
+def test_large_batch_two_threads(kind, dtype, two_threads):
+    # row work G*H = 32 (LSTM, H=8): 4096 / 32 = 128 rows per task, so B = 300 makes three tasks
+    module_kw = {"bidirectional": True, **({"proj_size": 3} if kind == "LSTM" else {})}
+    m = torch_module(kind, dtype=dtype, input_size=4, hidden_size=8, **module_kw)
+    t = twin(m, "cpu")
+    x, hx = rnn_inputs(m, T=6, B=300, hx=True, packed="unsorted")
+    check_twin(m, t, x, hx)
+
+
+def test_results_do_not_depend_on_thread_count():
+    m = torch_module("GRU", dtype=torch.float32, input_size=4, hidden_size=8)
+    t = twin(m, "cpu")
+    x, hx = rnn_inputs(m, T=6, B=300, hx=True)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out, h = t(x, hx)
+            results.append((out.detach(), h.detach()))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-6, rtol=1e-6)
