@@ -59,8 +59,10 @@ Tensor columns(const Tensor& m, int64_t k, int64_t count) {
 // x -> x w^T (+ b) for a fixed 2-D weight w, as F.linear computes it, called `calls` times on inputs of
 // `rows` rows.
 //  - oneDNN keeps the whole reduction over K in one running sum, up to 3.6x less accurate at K = 1000
-//    than the partial sums of the BLAS behind torch.nn's GRU and RNN; adding up products over slices
-//    of at most kSlice columns brings the error back to theirs.
+//    than the partial sums of the BLAS behind torch.nn's GRU and RNN. The one-shot GEMMs (input
+//    projection, weight gradients: K up to T*B) therefore add up products over slices of at most
+//    kSlice columns, which brings the error back to theirs; the per-step GEMMs, whose errors do not
+//    add up to that (tests/test_modules.py holds them to torch.nn's), run whole.
 //  - Reordering w into oneDNN's blocked layout costs a few GEMMs' time and saves 15-30% of each later
 //    one, so a weight that many time steps reuse is reordered once.
 class Linear {
@@ -74,8 +76,9 @@ class Linear {
       slices_.push_back(w);
       return;
     }
-    for (int64_t k = 0; k < w.size(1); k += kSlice) {
-      Tensor slice = columns(w, k, std::min(kSlice, w.size(1) - k));
+    const int64_t slice_width = calls >= kReorderFromCalls ? w.size(1) : kSlice;
+    for (int64_t k = 0; k < w.size(1); k += slice_width) {
+      Tensor slice = columns(w, k, std::min(slice_width, w.size(1) - k));
       if (calls >= kReorderFromCalls) {
         slice = call_op("reorder", {slice.contiguous(), c10::IValue(rows)}).toTensor();
       }
