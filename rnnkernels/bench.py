@@ -382,6 +382,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--min-sample-ms", type=float, default=20.0, help="back-to-back calls per sample "
                         "last at least this long (default 20)")
     parser.add_argument("--json", type=Path, help="write every figure and the run's metadata here")
+    parser.add_argument("--report", type=Path, help="print the table of a run saved with --json, and run nothing")
     args = parser.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -407,6 +408,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.report:
+        saved = json.loads(args.report.read_text())
+        print(table(saved["cases"], torch.device(saved["metadata"]["device"])))
+        return
     device = torch.device(args.device)
     cases = [(w, cell, dtype) for w in args.workloads for cell in w.cells if cell in args.cells for dtype in args.dtypes]
     report = {"metadata": metadata(device), "settings": {
