@@ -25,7 +25,8 @@ struct Fn;
 inline float host_expf(float x) {
   x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
   const float round_magic = 12582912.f;  // 1.5 * 2^23: adding and subtracting rounds to an integer
-  const float n = (x * 1.44269504088896341f + round_magic) - round_magic;
+  const float rounded = (x * 1.44269504088896341f + round_magic) - round_magic;
+  const float n = rounded == rounded ? rounded : 0.f;  // NaN goes on through x, not through an int cast
   x = x - n * 0.693359375f - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * x + 1.3981999507e-3f;
@@ -62,7 +63,7 @@ struct Fn<float> {
   static RK_HD float tanh(float x) { return host_tanhf(x); }
 #endif
   static RK_HD float relu(float x) { return x > 0.f || x != x ? x : 0.f; }  // NaN stays NaN
-  static RK_HD float positive(float x) { return x > 0.f ? 1.f : 0.f; }
+  static RK_HD float positive(float x) { return x <= 0.f ? 0.f : 1.f; }  // as torch: NaN passes
 };
 
 template <>
@@ -70,7 +71,7 @@ struct Fn<double> {
   static RK_HD double exp(double x) { return ::exp(x); }
   static RK_HD double tanh(double x) { return ::tanh(x); }
   static RK_HD double relu(double x) { return x > 0. || x != x ? x : 0.; }
-  static RK_HD double positive(double x) { return x > 0. ? 1. : 0.; }
+  static RK_HD double positive(double x) { return x <= 0. ? 0. : 1.; }
 };
 
 template <typename T>

@@ -11,10 +11,11 @@ namespace {
 
 // One forward and one backward operator per cell, all with the same signature, over one layer and one
 // direction of a whole sequence (shapes: csrc/recurrence_args.h). c_n, grad_c0 and grad_w_hr are
-// empty where the cell has no cell state or no projection.
+// empty where the cell has no cell state or no projection. The workspace, what the backward reads, is
+// (T, B, 0) when keep_workspace is false: inference skips writing it.
 const char* kForwardArgs =
     "(Tensor gx, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, "
-    "bool reverse) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor workspace)";
+    "bool reverse, bool keep_workspace=True) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor workspace)";
 const char* kBackwardArgs =
     "(Tensor grad_output, Tensor grad_h_n, Tensor? grad_c_n, Tensor h0, Tensor? c0, Tensor w_hh, "
     "Tensor? w_hr, Tensor? lengths, bool reverse, Tensor output, Tensor workspace) -> (Tensor grad_gx, "

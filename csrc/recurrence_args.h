@@ -10,6 +10,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <initializer_list>
 #include <optional>
 
 namespace rnnkernels {
@@ -21,6 +22,14 @@ struct RecurrenceDims {
 inline void check_matrix(const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
   TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "rnnkernels: ", name,
               " must have shape [", rows, ", ", cols, "], got ", t.sizes());
+}
+
+inline void check_like(const at::Tensor& like, std::initializer_list<at::Tensor> tensors) {
+  for (const at::Tensor& t : tensors) {
+    TORCH_CHECK(t.scalar_type() == like.scalar_type() && t.device() == like.device(),
+                "rnnkernels: all tensors must share the input's dtype and device (", like.scalar_type(), ", ",
+                like.device(), "), got ", t.scalar_type(), " on ", t.device());
+  }
 }
 
 // gx_sizes is the input projection's shape; like carries the dtype and device every tensor must share.
@@ -40,6 +49,7 @@ inline RecurrenceDims check_recurrence_args(int64_t gates, at::IntArrayRef gx_si
               "rnnkernels: sizes out of range");
   check_matrix(h0, "h0", d.B, d.P);
   if (w_hr.has_value()) {
+    TORCH_CHECK(gates == 4, "rnnkernels: w_hr (proj_size) belongs to the LSTM only");
     check_matrix(*w_hr, "w_hr", d.P, d.H);
   } else {
     TORCH_CHECK(d.P == d.H, "rnnkernels: w_hh must be [", gates, "*H, H] without a projection, got ",
@@ -53,17 +63,9 @@ inline RecurrenceDims check_recurrence_args(int64_t gates, at::IntArrayRef gx_si
     TORCH_CHECK(b_hh->dim() == 1 && b_hh->size(0) == d.G * d.H, "rnnkernels: b_hh must have shape [",
                 d.G * d.H, "], got ", b_hh->sizes());
   }
-  for (const at::Tensor* t : {&h0, &w_hh}) {
-    TORCH_CHECK(t->scalar_type() == like.scalar_type() && t->device() == like.device(),
-                "rnnkernels: all tensors must share the input's dtype and device (", like.scalar_type(),
-                ", ", like.device(), "), got ", t->scalar_type(), " on ", t->device());
-  }
+  check_like(like, {h0, w_hh});
   for (const auto* t : {&c0, &b_hh, &w_hr}) {
-    if (t->has_value()) {
-      TORCH_CHECK((*t)->scalar_type() == like.scalar_type() && (*t)->device() == like.device(),
-                  "rnnkernels: all tensors must share the input's dtype and device (", like.scalar_type(),
-                  ", ", like.device(), "), got ", (*t)->scalar_type(), " on ", (*t)->device());
-    }
+    if (t->has_value()) check_like(like, {**t});
   }
   if (lengths.has_value()) {
     const at::Tensor& len = *lengths;

@@ -35,7 +35,7 @@ def workspace_width(cell: str, hidden_size: int) -> int:
 
 
 def _fake_forward(cell: str):
-    def fake(gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse):
+    def fake(gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, keep_workspace=True):
         T, B = gx.shape[0], gx.shape[1]
         H = w_hh.shape[0] // GATES[cell]
         c_n = c0.new_empty(c0.shape) if cell == "lstm" else gx.new_empty(0)
@@ -43,7 +43,7 @@ def _fake_forward(cell: str):
             gx.new_empty(T, B, h0.shape[1]),
             h0.new_empty(h0.shape),
             c_n,
-            gx.new_empty(T, B, workspace_width(cell, H)),
+            gx.new_empty(T, B, workspace_width(cell, H) if keep_workspace else 0),
         )
 
     return fake
@@ -65,7 +65,7 @@ def _fake_backward(cell: str):
 
 
 def _setup_context(ctx, inputs, output):
-    _, h0, c0, w_hh, b_hh, w_hr, lengths, reverse = inputs
+    _, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, *_ = inputs
     out, _, _, workspace = output
     ctx.save_for_backward(h0, c0, w_hh, w_hr, lengths, out, workspace)
     # Unused outputs (the workspace, often h_n) get no zero-filled gradient; backward handles None.
@@ -78,6 +78,11 @@ def _autograd_backward(cell: str):
     backward_op = getattr(torch.ops.rnnkernels, f"{cell}_backward")
 
     def backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_workspace):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "rnnkernels: the compiled backward is not differentiable (create_graph=True); "
+                "run double backward on backend='reference'"
+            )
         h0, c0, w_hh, w_hr, lengths, output, workspace = ctx.saved_tensors
         grad_output = torch.zeros_like(output) if grad_output is None else grad_output
         grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
@@ -96,6 +101,7 @@ def _autograd_backward(cell: str):
             grad_w_hr if w_hr is not None else None,
             None,
             None,
+            None,
         )
 
     return backward
@@ -109,7 +115,7 @@ def _linear_setup_context(ctx, inputs, output):
 
 def _linear_backward(ctx, grad):
     x, w = ctx.saved_tensors
-    grad = grad.contiguous()  # oneDNN takes transposed views, not the broadcast ones autograd can hand over
+    grad = grad.contiguous()  # one copy of a broadcast gradient, not one per slice of the GEMMs
     linear = torch.ops.rnnkernels.linear
     grad_x = linear(grad, w.t(), None) if ctx.needs_input_grad[0] else None
     grad_w = linear(grad.t(), x.t(), None) if ctx.needs_input_grad[1] else None
@@ -138,8 +144,8 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 
 
 def forward_op(cell: str):
-    """The compiled forward operator of a cell: (gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse)
-    -> (output, h_n, c_n, workspace)."""
+    """The compiled forward operator of a cell: (gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse,
+    keep_workspace=True) -> (output, h_n, c_n, workspace)."""
     return getattr(torch.ops.rnnkernels, f"{cell}_forward")
 
 
@@ -155,5 +161,7 @@ def recurrence(
     reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One layer and direction through the compiled operator; same contract as reference.recurrence."""
-    output, h_n, c_n, _ = forward_op(cell)(gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse)
+    inputs = (gx, h0, c0, w_hh, b_hh, w_hr)
+    keep_workspace = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    output, h_n, c_n, _ = forward_op(cell)(*inputs, lengths, reverse, keep_workspace)
     return output, h_n, (c_n if cell == "lstm" else None)

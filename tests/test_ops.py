@@ -7,6 +7,8 @@ import itertools
 import pytest
 import torch
 
+import rnnkernels
+
 from rnnkernels import ops, reference
 
 pytestmark = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason=f"compiled extension not loaded: {ops.LOAD_ERROR}")
@@ -240,6 +242,8 @@ BAD_FORWARD = {
     "w_hr_missing_with_projection": {"projected": True, "w_hr": lambda v: None},
     "gru_w_hh_gates": {"cell": "gru", "w_hh": lambda v: v["w_hh"][:4], "gx": lambda v: v["gx"][..., :4]},
     "rnn_h0_width": {"cell": "rnn_tanh", "h0": lambda v: v["h0"][:, :1]},
+    "gru_with_w_hr": {"cell": "gru", "h0": lambda v: v["h0"][:, :1], "w_hh": lambda v: v["w_hh"][:, :1],
+                      "w_hr": lambda v: torch.randn(1, v["w_hh"].shape[0] // 3, dtype=v["w_hh"].dtype)},
 }
 
 
@@ -269,6 +273,12 @@ BAD_BACKWARD = {
     "c0_missing": ("lstm", {"c0": lambda a: None}),
     "w_hh_dtype": ("gru", {"w_hh": lambda a: a["w_hh"].float()}),
     "lengths_too_long": ("lstm", {"lengths": lambda a: torch.tensor([9, 1, 1])}),
+    "grad_c_n_shape": ("lstm", {"grad_c_n": lambda a: a["grad_c_n"][:1, :1]}),
+    "grad_c_n_dtype": ("lstm", {"grad_c_n": lambda a: a["grad_c_n"].float()}),
+    "output_last_dim": ("lstm", {"output": lambda a: a["output"][..., :1].contiguous(),
+                                 "grad_output": lambda a: a["grad_output"][..., :1].contiguous()}),
+    "grad_output_dtype": ("gru", {"grad_output": lambda a: a["grad_output"].float()}),
+    "workspace_dtype": ("gru", {"workspace": lambda a: a["workspace"].float()}),
 }
 
 
@@ -290,6 +300,19 @@ def test_linear_op_rejects_bad_arguments(x_shape, w_shape, b_shape, dtypes):
     dx, dw = dtypes or (torch.float32, torch.float32)
     with pytest.raises(RuntimeError, match="rnnkernels"):
         torch.ops.rnnkernels.linear(torch.randn(x_shape, dtype=dx), torch.randn(w_shape, dtype=dw), torch.randn(b_shape, dtype=dw))
+
+
+def test_linear_op_with_strided_bias_matches_f_linear():
+    x, w, b = torch.randn(7, 300), torch.randn(5, 300), torch.randn(10)[::2]
+    torch.testing.assert_close(torch.ops.rnnkernels.linear(x, w, b), torch.nn.functional.linear(x, w, b))
+
+
+def test_double_backward_raises_on_compiled_backend():
+    """The fused backward is not differentiable: create_graph=True must fail loudly, not give zeros."""
+    m = rnnkernels.GRU.from_torch(torch.nn.GRU(3, 4), backend="cpu")
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="create_graph"):
+        torch.autograd.grad(m(x)[0].sum(), x, create_graph=True)
 
 
 def test_ops_accept_empty_sequence_and_batch():

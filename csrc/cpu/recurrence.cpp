@@ -42,70 +42,74 @@ bool use_onednn(const Tensor& x) {
   return available && x.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn();
 }
 
-c10::IValue call_op(const char* name, torch::jit::Stack stack) {
-  static const c10::OperatorHandle linear = *find_op("mkldnn::_linear_pointwise");
-  static const c10::OperatorHandle reorder = *find_op("mkldnn::_reorder_linear_weight");
-  (std::strcmp(name, "linear") == 0 ? linear : reorder).callBoxed(&stack);
-  return stack[0];
+Tensor onednn_reorder(const Tensor& w, int64_t rows) {
+  static const c10::OperatorHandle op = *find_op("mkldnn::_reorder_linear_weight");
+  torch::jit::Stack stack{w.contiguous(), c10::IValue(rows)};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
 }
 
-// Columns [k, k + count) of a matrix, in a layout oneDNN reads in place: contiguous or the transpose of
-// contiguous. It sends any other strides down a reference path hundreds of times slower.
+// x w^T (+ b) through oneDNN; x and w contiguous or transposes of contiguous matrices (any other
+// strides send oneDNN down a reference path hundreds of times slower), b contiguous.
+Tensor onednn_linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+  static const c10::OperatorHandle op = *find_op("mkldnn::_linear_pointwise");
+  torch::jit::Stack stack{x,
+                          w,
+                          b.has_value() ? c10::IValue(*b) : c10::IValue(),
+                          c10::IValue(std::string("none")),
+                          c10::IValue(c10::List<std::optional<at::Scalar>>()),
+                          c10::IValue()};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+Tensor blas_linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+  return b.has_value() ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
+}
+
+// Columns [k, k + count) of a matrix, contiguous or the transpose of contiguous.
 Tensor columns(const Tensor& m, int64_t k, int64_t count) {
   const Tensor slice = m.narrow(1, k, count);
   return slice.is_contiguous() || slice.t().is_contiguous() ? slice : slice.contiguous();
 }
 
-// x -> x w^T (+ b) for a fixed 2-D weight w, as F.linear computes it, called `calls` times on inputs of
-// `rows` rows.
-//  - oneDNN keeps the whole reduction over K in one running sum, up to 3.6x less accurate at K = 1000
-//    than the partial sums of the BLAS behind torch.nn's GRU and RNN. The one-shot GEMMs (input
-//    projection, weight gradients: K up to T*B) therefore add up products over slices of at most
-//    kSlice columns, which brings the error back to theirs; the per-step GEMMs, whose errors do not
-//    add up to that (tests/test_modules.py holds them to torch.nn's), run whole.
-//  - Reordering w into oneDNN's blocked layout costs a few GEMMs' time and saves 15-30% of each later
-//    one, so a weight that many time steps reuse is reordered once.
-class Linear {
+std::optional<Tensor> contiguous(const std::optional<Tensor>& t) {
+  return t.has_value() ? std::optional<Tensor>(t->contiguous()) : std::nullopt;
+}
+
+// x w^T (+ b) for a GEMM done once per call: the input projection and the whole-sequence weight
+// gradients, with K up to T*B. oneDNN keeps the whole reduction over K in one running sum, up to 3.6x
+// less accurate at K = 1000 than the partial sums of the BLAS behind torch.nn's GRU and RNN; adding up
+// products over slices of at most kSlice columns brings the error back to theirs.
+Tensor linear_once(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b_in) {
+  constexpr int64_t kSlice = 256;
+  const std::optional<Tensor> b = contiguous(b_in);
+  if (!use_onednn(w) || x.size(0) == 0 || w.size(1) == 0) return blas_linear(x, w, b);
+  Tensor y;
+  for (int64_t k = 0; k < w.size(1); k += kSlice) {
+    const int64_t count = std::min(kSlice, w.size(1) - k);
+    const Tensor part = onednn_linear(columns(x, k, count), columns(w, k, count), k == 0 ? b : std::nullopt);
+    y = k == 0 ? part : y.add_(part);
+  }
+  return y;
+}
+
+// h -> h w^T (+ b) for the recurrent GEMM of each of `steps` time steps on `rows` rows. Its reduction
+// runs over one hidden state, and its error stays within torch.nn's whole (tests/test_modules.py).
+// Reordering w into oneDNN's blocked layout costs a few GEMMs' time and saves 15-30% of each later one,
+// so a weight that many steps reuse is reordered once.
+class StepLinear {
  public:
-  static constexpr int64_t kSlice = 256;
-  static constexpr int64_t kReorderFromCalls = 8;
-
-  Linear(const Tensor& w, const std::optional<Tensor>& b, int64_t rows, int64_t calls)
-      : b_(b), onednn_(use_onednn(w) && rows > 0 && w.size(1) > 0) {
-    if (!onednn_) {
-      slices_.push_back(w);
-      return;
-    }
-    const int64_t slice_width = calls >= kReorderFromCalls ? w.size(1) : kSlice;
-    for (int64_t k = 0; k < w.size(1); k += slice_width) {
-      Tensor slice = columns(w, k, std::min(slice_width, w.size(1) - k));
-      if (calls >= kReorderFromCalls) {
-        slice = call_op("reorder", {slice.contiguous(), c10::IValue(rows)}).toTensor();
-      }
-      slices_.push_back(slice);
-    }
+  StepLinear(const Tensor& w, const std::optional<Tensor>& b, int64_t rows, int64_t steps)
+      : w_(w.contiguous()), b_(contiguous(b)), onednn_(use_onednn(w) && rows > 0 && w.size(1) > 0) {
+    constexpr int64_t kReorderFromSteps = 8;
+    if (onednn_ && steps >= kReorderFromSteps) w_ = onednn_reorder(w_, rows);
   }
 
-  Tensor operator()(const Tensor& x) const {
-    if (!onednn_) {
-      return b_.has_value() ? at::addmm(*b_, x, slices_[0].t()) : at::mm(x, slices_[0].t());
-    }
-    Tensor y;
-    for (size_t i = 0; i < slices_.size(); ++i) {
-      const bool first = i == 0;
-      const Tensor part =
-          call_op("linear", {columns(x, i * kSlice, slices_[i].size(1)), slices_[i],
-                             first && b_.has_value() ? c10::IValue(*b_) : c10::IValue(),
-                             c10::IValue(std::string("none")),
-                             c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue()})
-              .toTensor();
-      y = first ? part : y.add_(part);
-    }
-    return y;
-  }
+  Tensor operator()(const Tensor& x) const { return onednn_ ? onednn_linear(x, w_, b_) : blas_linear(x, w_, b_); }
 
  private:
-  std::vector<Tensor> slices_;
+  Tensor w_;
   std::optional<Tensor> b_;
   bool onednn_;
 };
@@ -113,7 +117,7 @@ class Linear {
 // a^T b for row-major a (K, M) and b (K, N): the whole-sequence weight gradients. oneDNN reads the
 // transposed views in place, and their column slices stay transposed-contiguous.
 Tensor matmul_tn(const Tensor& a, const Tensor& b) {
-  return Linear(b.t(), std::nullopt, a.size(1), 1)(a.t());
+  return linear_once(a.t(), b.t(), std::nullopt);
 }
 
 struct Steps {
@@ -153,33 +157,37 @@ scalar_t* row(const Tensor& t, int64_t index, int64_t width) {
 
 // Row kernels: one (t, b) over the hidden units. Separate functions with restrict-qualified pointers
 // so that the compiler vectorises them (float: the host math in cell_math.h has no calls or branches).
-template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+template <bool keep, typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
 void lstm_forward_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, scalar_t* __restrict__ ws,
                       scalar_t* __restrict__ c, scalar_t* __restrict__ h, int64_t H) {
   for (int64_t j = 0; j < H; ++j) {
     const LstmForward<opmath_t> s(opmath_t(x[j]) + opmath_t(r[j]), opmath_t(x[H + j]) + opmath_t(r[H + j]),
                                   opmath_t(x[2 * H + j]) + opmath_t(r[2 * H + j]),
                                   opmath_t(x[3 * H + j]) + opmath_t(r[3 * H + j]), opmath_t(c[j]));
-    ws[j] = s.i;
-    ws[H + j] = s.f;
-    ws[2 * H + j] = s.g;
-    ws[3 * H + j] = s.o;
-    ws[4 * H + j] = s.c;
+    if constexpr (keep) {
+      ws[j] = s.i;
+      ws[H + j] = s.f;
+      ws[2 * H + j] = s.g;
+      ws[3 * H + j] = s.o;
+      ws[4 * H + j] = s.c;
+    }
     c[j] = s.c;
     h[j] = s.h;
   }
 }
 
-template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+template <bool keep, typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
 void gru_forward_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, scalar_t* __restrict__ ws,
                      scalar_t* __restrict__ h, int64_t H) {
   for (int64_t j = 0; j < H; ++j) {
     const GruForward<opmath_t> s(opmath_t(x[j]) + opmath_t(r[j]), opmath_t(x[H + j]) + opmath_t(r[H + j]),
                                  opmath_t(x[2 * H + j]), opmath_t(r[2 * H + j]), opmath_t(h[j]));
-    ws[j] = s.r;
-    ws[H + j] = s.z;
-    ws[2 * H + j] = s.n;
-    ws[3 * H + j] = r[2 * H + j];
+    if constexpr (keep) {
+      ws[j] = s.r;
+      ws[H + j] = s.z;
+      ws[2 * H + j] = s.n;
+      ws[3 * H + j] = r[2 * H + j];
+    }
     h[j] = s.h;
   }
 }
@@ -240,11 +248,11 @@ void forward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gx,
                   const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr, Tensor& h,
                   Tensor& c, Tensor& output, Tensor& workspace) {
   const int64_t T = d.T, B = d.B, H = d.H, P = d.P, GH = d.G * d.H, W = workspace_width(cell, H);
-  const bool projected = w_hr.has_value();
+  const bool projected = w_hr.has_value(), keep = workspace.size(2) > 0;
   Tensor m = projected ? at::empty({B, H}, gx.options()) : Tensor();
-  const Linear recurrent(w_hh, b_hh, B, T);
-  const std::optional<Linear> projection =
-      projected ? std::optional<Linear>(std::in_place, *w_hr, std::nullopt, B, T) : std::nullopt;
+  const StepLinear recurrent(w_hh, b_hh, B, T);
+  const std::optional<StepLinear> projection =
+      projected ? std::optional<StepLinear>(std::in_place, *w_hr, std::nullopt, B, T) : std::nullopt;
   for (int64_t step = 0; step < T; ++step) {
     const int64_t t = steps.time(step);
     const Tensor gh = recurrent(h).contiguous();
@@ -252,11 +260,13 @@ void forward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gx,
       const scalar_t* x = row<scalar_t>(gx, t * B + b, GH);
       const scalar_t* r = row<scalar_t>(gh, b, GH);
       scalar_t* hb = row<scalar_t>(h, b, P);
+      scalar_t* ws = keep ? row<scalar_t>(workspace, t * B + b, W) : nullptr;
       if constexpr (cell == Cell::LSTM) {
-        lstm_forward_row(x, r, row<scalar_t>(workspace, t * B + b, W), row<scalar_t>(c, b, H),
-                         projected ? row<scalar_t>(m, b, H) : hb, H);
+        scalar_t* c_row = row<scalar_t>(c, b, H);
+        scalar_t* h_row = projected ? row<scalar_t>(m, b, H) : hb;
+        keep ? lstm_forward_row<true>(x, r, ws, c_row, h_row, H) : lstm_forward_row<false>(x, r, ws, c_row, h_row, H);
       } else if constexpr (cell == Cell::GRU) {
-        gru_forward_row(x, r, row<scalar_t>(workspace, t * B + b, W), hb, H);
+        keep ? gru_forward_row<true>(x, r, ws, hb, H) : gru_forward_row<false>(x, r, ws, hb, H);
       } else {
         rnn_forward_row(x, r, hb, H, cell == Cell::RNN_RELU);
       }
@@ -280,9 +290,9 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t T = d.T, B = d.B, H = d.H, P = d.P, GH = d.G * d.H, W = workspace_width(cell, H);
   const bool projected = w_hr.has_value();
-  const Linear recurrent_t(w_hh.t(), std::nullopt, B, T);
-  const std::optional<Linear> projection_t =
-      projected ? std::optional<Linear>(std::in_place, w_hr->t(), std::nullopt, B, T) : std::nullopt;
+  const StepLinear recurrent_t(w_hh.t(), std::nullopt, B, T);
+  const std::optional<StepLinear> projection_t =
+      projected ? std::optional<StepLinear>(std::in_place, w_hr->t(), std::nullopt, B, T) : std::nullopt;
   Tensor dh_direct = cell == Cell::GRU ? at::empty({B, H}, dh.options()) : Tensor();
   for (int64_t step = T - 1; step >= 0; --step) {
     const int64_t t = steps.time(step);
@@ -341,17 +351,13 @@ Tensor previous_states(const RecurrenceDims& d, const Steps& steps, const Tensor
   return h_prev;
 }
 
-std::optional<Tensor> contiguous(const std::optional<Tensor>& t) {
-  return t.has_value() ? std::optional<Tensor>(t->contiguous()) : std::nullopt;
-}
-
 }  // namespace
 
 template <Cell cell>
 Tensors4 forward_cpu(const Tensor& gx_in, const Tensor& h0, const std::optional<Tensor>& c0,
                      const Tensor& w_hh_in, const std::optional<Tensor>& b_hh_in,
                      const std::optional<Tensor>& w_hr_in, const std::optional<Tensor>& lengths_in,
-                     bool reverse) {
+                     bool reverse, bool keep_workspace) {
   const RecurrenceDims d =
       check_recurrence_args(gates_of(cell), gx_in.sizes(), gx_in, h0, c0, w_hh_in, b_hh_in, w_hr_in, lengths_in);
   const Tensor gx = gx_in.contiguous(), w_hh = w_hh_in.contiguous();
@@ -359,7 +365,7 @@ Tensors4 forward_cpu(const Tensor& gx_in, const Tensor& h0, const std::optional<
                               lengths = contiguous(lengths_in);
   const Steps steps{d.T, reverse, lengths ? lengths->data_ptr<int64_t>() : nullptr};
   Tensor output = sweep_buffer(steps, d.B, d.P, gx.options());
-  Tensor workspace = sweep_buffer(steps, d.B, workspace_width(cell, d.H), gx.options());
+  Tensor workspace = sweep_buffer(steps, d.B, keep_workspace ? workspace_width(cell, d.H) : 0, gx.options());
   Tensor h = h0.contiguous().clone();
   Tensor c = cell == Cell::LSTM ? c0->contiguous().clone() : at::empty({0}, gx.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gx.scalar_type(), "rnnkernels_forward_cpu", [&] {
@@ -379,11 +385,18 @@ Tensors6 backward_cpu(const Tensor& grad_output_in, const Tensor& grad_h_n,
   const int64_t T = output_in.size(0), B = output_in.size(1);
   const RecurrenceDims d = check_recurrence_args(G, {T, B, w_hh_in.size(0)}, output_in, h0_in, c0, w_hh_in,
                                                  std::nullopt, w_hr_in, lengths_in);
+  TORCH_CHECK(output_in.size(2) == d.P, "rnnkernels: output must be [T, B, ", d.P, "], got ", output_in.sizes());
   TORCH_CHECK(grad_output_in.sizes() == output_in.sizes() && grad_h_n.sizes() == h0_in.sizes(),
               "rnnkernels: gradient shapes must match the forward's outputs");
   TORCH_CHECK(workspace_in.dim() == 3 && workspace_in.size(0) == T && workspace_in.size(1) == B &&
                   workspace_in.size(2) == workspace_width(cell, d.H),
-              "rnnkernels: workspace does not come from this forward");
+              "rnnkernels: workspace does not come from this forward, or the forward ran with "
+              "keep_workspace=False");
+  check_like(output_in, {grad_output_in, grad_h_n, workspace_in});
+  if (cell == Cell::LSTM && grad_c_n.has_value()) {
+    check_matrix(*grad_c_n, "grad_c_n", B, d.H);
+    check_like(output_in, {*grad_c_n});
+  }
   const Tensor grad_output = grad_output_in.contiguous(), h0 = h0_in.contiguous(),
                w_hh = w_hh_in.contiguous(), output = output_in.contiguous(),
                workspace = workspace_in.contiguous();
@@ -421,13 +434,14 @@ Tensor linear_cpu(const Tensor& x, const Tensor& w, const std::optional<Tensor>&
               "rnnkernels.linear: b must have shape [", w.size(0), "]");
   TORCH_CHECK(x.scalar_type() == w.scalar_type() && (!b.has_value() || b->scalar_type() == w.scalar_type()),
               "rnnkernels.linear: x, w and b must share a dtype");
-  return Linear(w, b, x.size(0), 1)(x);
+  return linear_once(x, w, b);
 }
 
 #define RNNKERNELS_INSTANTIATE(cell)                                                                     \
   template Tensors4 forward_cpu<cell>(const Tensor&, const Tensor&, const std::optional<Tensor>&,        \
                                       const Tensor&, const std::optional<Tensor>&,                       \
-                                      const std::optional<Tensor>&, const std::optional<Tensor>&, bool); \
+                                      const std::optional<Tensor>&, const std::optional<Tensor>&, bool,   \
+                                      bool);                                                             \
   template Tensors6 backward_cpu<cell>(const Tensor&, const Tensor&, const std::optional<Tensor>&,       \
                                        const Tensor&, const std::optional<Tensor>&, const Tensor&,       \
                                        const std::optional<Tensor>&, const std::optional<Tensor>&, bool, \

@@ -16,7 +16,7 @@ template <Cell cell>
 Tensors4 forward_cpu(const at::Tensor& gx, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
                      const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
                      const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
-                     bool reverse);
+                     bool reverse, bool keep_workspace);
 
 template <Cell cell>
 Tensors6 backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
