@@ -1,9 +1,9 @@
-"""Builds rnnkernels._C: the C++ CPU kernels everywhere, and csrc/cuda where nvcc and a CUDA build of torch are present.
+"""Builds rnnkernels._C, the C++ CPU kernels (csrc/). The CUDA kernels, when csrc/cuda lands, build here too.
 
 Install with the torch already in the environment (build isolation would fetch a second, multi-GB torch):
-    pip install --no-build-isolation .
+    pip install --no-build-isolation -e .
 Environment: RNNKERNELS_CPU_ARCH (default "native": the extension is built on the machine that runs it;
-set e.g. "x86-64-v3" to build for other machines), MAX_JOBS, TORCH_CUDA_ARCH_LIST.
+set e.g. "x86-64-v3" to build for other machines), MAX_JOBS.
 """
 
 import glob
@@ -26,10 +26,7 @@ def cxx_flags():
 
 def extension():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    return CppExtension("rnnkernels._C", sources, extra_compile_args={"cxx": cxx_flags()}, py_limited_api=False)
+    return CppExtension("rnnkernels._C", sources, extra_compile_args={"cxx": cxx_flags()})
 
 
-setup(
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
-)
+setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension})

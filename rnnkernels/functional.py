@@ -1,7 +1,7 @@
 """A whole multi-layer, possibly bidirectional recurrent network over a time-major padded batch.
 
-Per layer and direction: the input projection of all time steps as one GEMM (torch's, with autograd),
-then the recurrence on the chosen backend; dropout between layers as torch.nn applies it.
+Per layer and direction: the input projection of all time steps as one GEMM, then the recurrence, both
+on the chosen backend; dropout between layers as torch.nn applies it.
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ def rnn(
     dropout: float,
     training: bool,
     lengths: Tensor | None,
-    backend: str,
+    backend: backends.Backend,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """x (T, B, input), h0 (layers*dirs, B, P), c0 (layers*dirs, B, H) for LSTM; lengths (B) int64 on the
     CPU or None. Returns (output (T, B, dirs*P), h_n, c_n); c_n is None but for LSTM."""
-    run, project = backends.recurrence_fn(backend), backends.linear_fn(backend)
+    run, project = backend.recurrence, backend.linear
     directions = 2 if bidirectional else 1
     h_n, c_n = [], []
     for layer in range(num_layers):

@@ -179,8 +179,8 @@ class _CellBase(_Twin):
 
         cell = self._cell_name()
         backend = backends.select(self.backend, input.device, input.dtype)
-        gx = backends.linear_fn(backend)(input, self.weight_ih, self.bias_ih).unsqueeze(0)
-        _, h, c = backends.recurrence_fn(backend)(
+        gx = backend.linear(input, self.weight_ih, self.bias_ih).unsqueeze(0)
+        _, h, c = backend.recurrence(
             cell, gx, states[0], states[1] if is_lstm else None, self.weight_hh, self.bias_hh,
             None, None, False,
         )

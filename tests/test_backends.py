@@ -26,9 +26,9 @@ def spy(monkeypatch):
     original = backends.select
 
     def select(requested, device, dtype):
-        name = original(requested, device, dtype)
-        chosen.append(name)
-        return name
+        backend = original(requested, device, dtype)
+        chosen.append(backend.name)
+        return backend
 
     monkeypatch.setattr(backends, "select", select)
     return chosen
@@ -48,15 +48,15 @@ def test_backend_names():
 @pytest.mark.skipif(not HAS_EXTENSION, reason="compiled extension not loaded")
 def test_auto_picks_cpu_on_cpu():
     for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        assert backends.select("auto", CPU, dtype) == "cpu"
+        assert backends.select("auto", CPU, dtype).name == "cpu"
     assert backends.unsupported("cpu", CPU, torch.float32) is None
 
 
 def test_auto_falls_back_to_reference():
-    assert backends.select("auto", CPU, torch.complex64) == "reference"
-    assert backends.select("auto", CPU, torch.int64) == "reference"
-    assert backends.select("auto", torch.device("meta"), torch.float32) == "reference"
-    assert backends.select("reference", torch.device("meta"), torch.float32) == "reference"
+    assert backends.select("auto", CPU, torch.complex64).name == "reference"
+    assert backends.select("auto", CPU, torch.int64).name == "reference"
+    assert backends.select("auto", torch.device("meta"), torch.float32).name == "reference"
+    assert backends.select("reference", torch.device("meta"), torch.float32).name == "reference"
 
 
 def test_explicit_backend_that_cannot_run_raises_with_reason():
@@ -72,33 +72,33 @@ def test_explicit_backend_that_cannot_run_raises_with_reason():
 def test_missing_extension_reason(monkeypatch):
     monkeypatch.setattr(ops, "LOAD_ERROR", "ImportError: nope")
     assert "could not be loaded" in backends.unsupported("cpu", CPU, torch.float32)
-    assert backends.select("auto", CPU, torch.float32) == "reference"
+    assert backends.select("auto", CPU, torch.float32).name == "reference"
     with pytest.raises(RuntimeError, match="could not be loaded"):
         backends.select("cpu", CPU, torch.float32)
 
 
 @pytest.mark.skipif(not HAS_EXTENSION, reason="compiled extension not loaded")
 def test_precedence_context_over_module_over_env(monkeypatch):
-    assert backends.select("reference", CPU, torch.float32) == "reference"
-    assert backends.select("cpu", CPU, torch.float32) == "cpu"
+    assert backends.select("reference", CPU, torch.float32).name == "reference"
+    assert backends.select("cpu", CPU, torch.float32).name == "cpu"
     with rnnkernels.use_backend("reference"):
-        assert backends.select("cpu", CPU, torch.float32) == "reference"
-        assert backends.select("auto", CPU, torch.float32) == "reference"
+        assert backends.select("cpu", CPU, torch.float32).name == "reference"
+        assert backends.select("auto", CPU, torch.float32).name == "reference"
         with rnnkernels.use_backend("cpu"):  # nested: innermost wins, restored on exit
-            assert backends.select("reference", CPU, torch.float32) == "cpu"
-        assert backends.select("cpu", CPU, torch.float32) == "reference"
+            assert backends.select("reference", CPU, torch.float32).name == "cpu"
+        assert backends.select("cpu", CPU, torch.float32).name == "reference"
         with rnnkernels.use_backend("auto"):  # "auto" in the context defers to the module
-            assert backends.select("cpu", CPU, torch.float32) == "cpu"
-    assert backends.select("auto", CPU, torch.float32) == "cpu"
+            assert backends.select("cpu", CPU, torch.float32).name == "cpu"
+    assert backends.select("auto", CPU, torch.float32).name == "cpu"
     monkeypatch.setenv("RNNKERNELS_BACKEND", "reference")
-    assert backends.select("auto", CPU, torch.float32) == "reference"  # env applies where the module says auto
-    assert backends.select("cpu", CPU, torch.float32) == "cpu"  # not over an explicit module choice
+    assert backends.select("auto", CPU, torch.float32).name == "reference"  # env applies where the module says auto
+    assert backends.select("cpu", CPU, torch.float32).name == "cpu"  # not over an explicit module choice
     with rnnkernels.use_backend("cpu"):
-        assert backends.select("auto", CPU, torch.float32) == "cpu"  # the context beats the env
+        assert backends.select("auto", CPU, torch.float32).name == "cpu"  # the context beats the env
     monkeypatch.setenv("RNNKERNELS_BACKEND", "")
-    assert backends.select("auto", CPU, torch.float32) == "cpu"
+    assert backends.select("auto", CPU, torch.float32).name == "cpu"
     monkeypatch.setenv("RNNKERNELS_BACKEND", "auto")
-    assert backends.select("auto", CPU, torch.float32) == "cpu"
+    assert backends.select("auto", CPU, torch.float32).name == "cpu"
 
 
 def test_env_cpu_that_cannot_run_raises(monkeypatch):
@@ -121,7 +121,7 @@ def test_use_backend_is_per_thread():
 
     def other():
         entered.wait()
-        seen["other"] = backends.select("auto", CPU, torch.float32)
+        seen["other"] = backends.select("auto", CPU, torch.float32).name
         release.set()
 
     thread = threading.Thread(target=other)
@@ -129,7 +129,7 @@ def test_use_backend_is_per_thread():
     with rnnkernels.use_backend("reference"):
         entered.set()
         release.wait(10)
-        seen["main"] = backends.select("auto", CPU, torch.float32)
+        seen["main"] = backends.select("auto", CPU, torch.float32).name
     thread.join()
     assert seen == {"main": "reference", "other": "cpu"}
 

@@ -46,19 +46,23 @@ RNN_BAD_CALLS = {
 }
 
 
-RNN_BAD = [(kind, case) for kind in RNN_KINDS for case in RNN_BAD_CALLS if RNN_BAD_CALLS[case](kind) is not None]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind,case", RNN_BAD, ids=[f"{k}-{c}" for k, c in RNN_BAD])
-def test_rnn_bad_input_raises_like_torch(kind, case, backend):
-    x, hx = RNN_BAD_CALLS[case](kind)
+def assert_raises_like_torch(kind, x, hx, backend):
+    """The twin raises exactly the exception type torch.nn raises for this call."""
     m = torch_module(kind, input_size=I, hidden_size=H)
     t = twin(m, backend)
     args = (x,) if hx is None else (x, hx)
     expected = outcome(lambda: m(*args))
     assert expected is not None, "torch.nn accepts this; the case is wrong"
     assert outcome(lambda: t(*args)) is expected
+
+
+RNN_BAD = [(kind, case) for kind in RNN_KINDS for case in RNN_BAD_CALLS if RNN_BAD_CALLS[case](kind) is not None]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,case", RNN_BAD, ids=[f"{k}-{c}" for k, c in RNN_BAD])
+def test_rnn_bad_input_raises_like_torch(kind, case, backend):
+    assert_raises_like_torch(kind, *RNN_BAD_CALLS[case](kind), backend)
 
 
 CELL_BAD_CALLS = {
@@ -80,13 +84,7 @@ CELL_BAD_CALLS = {
 @pytest.mark.parametrize("case", list(CELL_BAD_CALLS))
 @pytest.mark.parametrize("kind", list(CELL_KINDS))
 def test_cell_bad_input_raises_like_torch(kind, case, backend):
-    x, hx = CELL_BAD_CALLS[case](kind)
-    m = torch_module(kind, input_size=I, hidden_size=H)
-    t = twin(m, backend)
-    args = (x,) if hx is None else (x, hx)
-    expected = outcome(lambda: m(*args))
-    assert expected is not None, "torch.nn accepts this; the case is wrong"
-    assert outcome(lambda: t(*args)) is expected
+    assert_raises_like_torch(kind, *CELL_BAD_CALLS[case](kind), backend)
 
 
 BAD_CONSTRUCTORS = [

@@ -302,18 +302,20 @@ def test_unbatched_states_detach_like_torch(kind):
 
 def test_cpu_backend_has_no_reference_fallback_inside_module(monkeypatch):
     """backend="cpu" really runs the compiled ops: the reference recurrence is not called."""
-    import rnnkernels.reference as reference
+    import dataclasses
+
+    from rnnkernels import backends
 
     m = torch_module("GRU", input_size=I, hidden_size=H)
     t = twin(m, "cpu")
     calls = []
-    original = reference.recurrence
+    reference_backend = backends._BY_NAME["reference"]
 
     def spy(*args, **kwargs):
         calls.append(1)
-        return original(*args, **kwargs)
+        return reference_backend.recurrence(*args, **kwargs)
 
-    monkeypatch.setattr(reference, "recurrence", spy)
+    monkeypatch.setitem(backends._BY_NAME, "reference", dataclasses.replace(reference_backend, recurrence=spy))
     t(torch.randn(3, 2, I))
     assert calls == []
     with rnnkernels.use_backend("reference"):
