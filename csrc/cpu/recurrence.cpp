@@ -36,10 +36,13 @@ std::optional<c10::OperatorHandle> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchema({name, ""});
 }
 
-bool use_onednn(const Tensor& x) {
+// Whether x w^T on `rows` rows goes to oneDNN: float32 and not tiny (below about a million
+// multiply-adds, as in generation at batch 1, oneDNN's fixed cost per call loses to MKL).
+bool use_onednn(const Tensor& w, int64_t rows) {
   static const bool available = find_op("mkldnn::_linear_pointwise").has_value() &&
                                 find_op("mkldnn::_reorder_linear_weight").has_value();
-  return available && x.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn();
+  return available && w.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn() &&
+         rows * w.numel() >= (int64_t{1} << 20);
 }
 
 Tensor onednn_reorder(const Tensor& w, int64_t rows) {
@@ -84,7 +87,7 @@ std::optional<Tensor> contiguous(const std::optional<Tensor>& t) {
 Tensor linear_once(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b_in) {
   constexpr int64_t kSlice = 256;
   const std::optional<Tensor> b = contiguous(b_in);
-  if (!use_onednn(w) || x.size(0) == 0 || w.size(1) == 0) return blas_linear(x, w, b);
+  if (!use_onednn(w, x.size(0))) return blas_linear(x, w, b);
   Tensor y;
   for (int64_t k = 0; k < w.size(1); k += kSlice) {
     const int64_t count = std::min(kSlice, w.size(1) - k);
@@ -101,7 +104,7 @@ Tensor linear_once(const Tensor& x, const Tensor& w, const std::optional<Tensor>
 class StepLinear {
  public:
   StepLinear(const Tensor& w, const std::optional<Tensor>& b, int64_t rows, int64_t steps)
-      : w_(w.contiguous()), b_(contiguous(b)), onednn_(use_onednn(w) && rows > 0 && w.size(1) > 0) {
+      : w_(w.contiguous()), b_(contiguous(b)), onednn_(use_onednn(w, rows)) {
     constexpr int64_t kReorderFromSteps = 8;
     if (onednn_ && steps >= kReorderFromSteps) w_ = onednn_reorder(w_, rows);
   }
