@@ -32,21 +32,24 @@ constexpr int64_t workspace_width(Cell cell, int64_t H) {
 // mkldnn::_reorder_linear_weight. For float32 on x86 it runs at AVX-512 speed where MKL's sgemm takes
 // its AVX2 path (AMD CPUs: about 2x), and a weight reordered once into oneDNN's blocked layout is
 // reused by every time step. Where torch lacks these operators, or oneDNN is disabled, at::addmm runs.
-std::optional<c10::OperatorHandle> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchema({name, ""});
+// The operator, if this torch has it with the arguments the calls below pass (they are torch-internal).
+std::optional<c10::OperatorHandle> find_op(const char* name, size_t arguments) {
+  auto op = c10::Dispatcher::singleton().findSchema({name, ""});
+  if (op.has_value() && op->schema().arguments().size() != arguments) return std::nullopt;
+  return op;
 }
 
 // Whether x w^T on `rows` rows goes to oneDNN: float32 and not tiny (below about a million
 // multiply-adds, as in generation at batch 1, oneDNN's fixed cost per call loses to MKL).
 bool use_onednn(const Tensor& w, int64_t rows) {
-  static const bool available = find_op("mkldnn::_linear_pointwise").has_value() &&
-                                find_op("mkldnn::_reorder_linear_weight").has_value();
+  static const bool available = find_op("mkldnn::_linear_pointwise", 6).has_value() &&
+                                find_op("mkldnn::_reorder_linear_weight", 2).has_value();
   return available && w.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn() &&
          rows * w.numel() >= (int64_t{1} << 20);
 }
 
 Tensor onednn_reorder(const Tensor& w, int64_t rows) {
-  static const c10::OperatorHandle op = *find_op("mkldnn::_reorder_linear_weight");
+  static const c10::OperatorHandle op = *find_op("mkldnn::_reorder_linear_weight", 2);
   torch::jit::Stack stack{w.contiguous(), c10::IValue(rows)};
   op.callBoxed(&stack);
   return stack[0].toTensor();
@@ -55,7 +58,7 @@ Tensor onednn_reorder(const Tensor& w, int64_t rows) {
 // x w^T (+ b) through oneDNN; x and w contiguous or transposes of contiguous matrices (any other
 // strides send oneDNN down a reference path hundreds of times slower), b contiguous.
 Tensor onednn_linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
-  static const c10::OperatorHandle op = *find_op("mkldnn::_linear_pointwise");
+  static const c10::OperatorHandle op = *find_op("mkldnn::_linear_pointwise", 6);
   torch::jit::Stack stack{x,
                           w,
                           b.has_value() ? c10::IValue(*b) : c10::IValue(),
