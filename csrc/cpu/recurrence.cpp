@@ -31,7 +31,9 @@ constexpr int64_t workspace_width(Cell cell, int64_t H) {
 // torch ships oneDNN's GEMM behind the operators mkldnn::_linear_pointwise and
 // mkldnn::_reorder_linear_weight. For float32 on x86 it runs at AVX-512 speed where MKL's sgemm takes
 // its AVX2 path (AMD CPUs: about 2x), and a weight reordered once into oneDNN's blocked layout is
-// reused by every time step. Where torch lacks these operators, or oneDNN is disabled, at::addmm runs.
+// reused by every time step. Where torch lacks these operators, oneDNN is disabled, or the GEMM is
+// tiny, at::addmm (MKL) runs.
+
 // The operator, if this torch has it with the arguments the calls below pass (they are torch-internal).
 std::optional<c10::OperatorHandle> find_op(const char* name, size_t arguments) {
   auto op = c10::Dispatcher::singleton().findSchema({name, ""});
