@@ -86,17 +86,21 @@ std::optional<Tensor> contiguous(const std::optional<Tensor>& t) {
 }
 
 // x w^T (+ b) for a GEMM done once per call: the input projection and the whole-sequence weight
-// gradients, with K up to T*B. oneDNN keeps the whole reduction over K in one running sum, up to 3.6x
-// less accurate at K = 1000 than the partial sums of the BLAS behind torch.nn's GRU and RNN; adding up
-// products over slices of at most kSlice columns brings the error back to theirs.
+// gradients, with K up to T*B. One running sum over all of K is up to several times less accurate
+// than torch.nn, whose per-op path sums per step or in the BLAS's blocks (oneDNN keeps one running sum,
+// and so does MKL for skinny products); adding up products over slices of at most kSlice columns
+// brings the error back to torch.nn's.
 Tensor linear_once(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b_in) {
   constexpr int64_t kSlice = 256;
   const std::optional<Tensor> b = contiguous(b_in);
-  if (!use_onednn(w, x.size(0))) return blas_linear(x, w, b);
+  const bool onednn = use_onednn(w, x.size(0));
+  if (w.size(1) == 0) return blas_linear(x, w, b);
   Tensor y;
   for (int64_t k = 0; k < w.size(1); k += kSlice) {
     const int64_t count = std::min(kSlice, w.size(1) - k);
-    const Tensor part = onednn_linear(columns(x, k, count), columns(w, k, count), k == 0 ? b : std::nullopt);
+    const Tensor xs = columns(x, k, count), ws = columns(w, k, count);
+    const std::optional<Tensor> bias = k == 0 ? b : std::nullopt;
+    const Tensor part = onednn ? onednn_linear(xs, ws, bias) : blas_linear(xs, ws, bias);
     y = k == 0 ? part : y.add_(part);
   }
   return y;
