@@ -2,6 +2,7 @@
 
     python -m rnnkernels.bench [--device cpu|cuda] [--workloads a,b] [--cells lstm,gru,rnn]
         [--dtypes float32,bfloat16] [--backends cpu,reference] [--quick] [--repeats N] [--json PATH]
+        [--word-lm] [--plot PATH] [--report PATH]
 
 Per case (workload x cell x dtype) it first checks every candidate against a float64 torch.nn
 computation (forward output, final state, gradients of a training step); a wrong result is reported
@@ -10,6 +11,11 @@ the forward under no_grad (eval mode) and a training step (zero grads, forward, 
 projection of the output as loss, backward). Generate workloads time single cell steps at batch 1.
 Each sample runs back-to-back calls for at least --min-sample-ms; figures are per call (per step for
 generate workloads), median and spread over the repeats, warm-up excluded.
+
+--word-lm adds an end-to-end case: a training step of a word-level language model (embedding, 2-layer
+LSTM 650, linear decoder, cross-entropy) with torch.nn and with rnnkernels.convert of the same model,
+checked the same way (loss, gradient of the embedding) and reported in tokens per second.
+--plot draws the speed-ups over torch.nn as a bar chart (needs matplotlib).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -119,15 +126,20 @@ def relative_error(value: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def check(candidates: list[Candidate], module: nn.Module, x, projection, generate: bool) -> dict[str, dict]:
-    """Per candidate: its errors against float64 torch.nn and whether each is within 2x torch.nn's own
-    error in this dtype plus a floor of a few units of roundoff."""
+    """check_against float64 torch.nn, on the figures of results_for_check."""
     exact = results_for_check(copy.deepcopy(module).double(), x.double(), projection.double(), generate)
-    floor = 4 * torch.finfo(x.dtype).eps
+    return check_against(exact, candidates, lambda m: results_for_check(m, x, projection, generate), x.dtype)
+
+
+def check_against(exact: dict, candidates: list[Candidate], results_of: Callable, dtype) -> dict[str, dict]:
+    """Per candidate: the errors of results_of(its module) against `exact` (the float64 figures) and whether
+    each is within 2x torch.nn's own error in this dtype plus a floor of a few units of roundoff."""
+    floor = 4 * torch.finfo(dtype).eps
     verdicts, errors = {}, {}
     for candidate in candidates:
         try:
             with candidate.context():
-                results = results_for_check(candidate.module, x, projection, generate)
+                results = results_of(candidate.module)
             errors[candidate.name] = {key: relative_error(value, exact[key]) for key, value in results.items()}
         except RuntimeError as error:
             verdicts[candidate.name] = {"correct": False, "error": str(error)}
@@ -186,6 +198,12 @@ def time_tasks(tasks: dict, settings, device: torch.device, per_call: float) -> 
         for key, fn in tasks.items():
             samples[key].append(seconds_per_call(fn, numbers[key], device) * 1e3 / per_call)
     return {key: summary(samples[key], numbers[key]) for key in tasks}
+
+
+def speedup(timings: dict, name: str, kind: str) -> float | None:
+    """torch.nn's median time / candidate `name`'s, from time_tasks' timings; None if either is missing."""
+    timing, baseline = timings.get((name, kind)), timings.get((TORCH, kind))
+    return baseline["median"] / timing["median"] if timing and baseline else None
 
 
 def train_peak_bytes(fn, device: torch.device) -> int | None:
@@ -263,15 +281,82 @@ def run_case(workload: Workload, cell: str, dtype: torch.dtype, device: torch.de
     for candidate in candidates:
         result = {"candidate": candidate.name, "first_call_ms": first_calls[candidate.name], **verdicts[candidate.name]}
         for kind in ("fwd", "train"):
-            timing = timings.get((candidate.name, kind))
-            baseline = timings.get((TORCH, kind))
-            result[kind] = timing
-            result[f"{kind}_speedup"] = baseline["median"] / timing["median"] if timing and baseline else None
+            result[kind] = timings.get((candidate.name, kind))
+            result[f"{kind}_speedup"] = speedup(timings, candidate.name, kind)
         result["train_peak_bytes"] = peaks.get(candidate.name)
         results.append(result)
     results += [{"candidate": name, "skipped": reason} for name, reason in skipped.items()]
     return {"workload": workload.name, "cell": cell, "dtype": str(dtype).removeprefix("torch."),
             "fwd_unit": "ms per step" if workload.generate else "ms per call", "results": results}
+
+
+# --- end to end: a word-level language model ----------------------------------------------------
+
+
+class WordLM(nn.Module):
+    """Zaremba et al.'s medium word LM without dropout: embedding, 2-layer LSTM, linear decoder."""
+
+    def __init__(self, vocab: int, size: int = 650, layers: int = 2):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, size)
+        self.lstm = nn.LSTM(size, size, layers)
+        self.decoder = nn.Linear(size, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        output, _ = self.lstm(self.embedding(tokens))
+        return self.decoder(output)
+
+
+def word_lm_loss(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = model(tokens)
+    return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def word_lm_results(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> dict:
+    """The figures a candidate must get right: the loss and the gradient of the embedding."""
+    model.train()
+    loss = word_lm_loss(model, tokens, targets)
+    (grad,) = torch.autograd.grad(loss, model.embedding.weight)
+    return {"loss": loss.detach(), "grad embedding.weight": grad}
+
+
+def word_lm_step_fn(candidate: Candidate, tokens: torch.Tensor, targets: torch.Tensor):
+    def train_step():
+        candidate.module.train()
+        candidate.module.zero_grad(set_to_none=True)
+        with candidate.context():
+            word_lm_loss(candidate.module, tokens, targets).backward()
+
+    return train_step
+
+
+def run_word_lm(device: torch.device, settings, seq: int = 35, batch: int = 20) -> dict:
+    """A case in run_case's format (training step only) with tokens per second added to each result."""
+    dtype = torch.float32
+    vocab = 2000 if settings.quick else 10000
+    names, skipped = backends_to_run(settings, device, dtype)
+    torch.manual_seed(0)
+    model = WordLM(vocab).to(device)
+    tokens, targets = torch.randint(vocab, (2, seq, batch), device=device)
+    candidates = [Candidate(TORCH, model)]
+    candidates += [Candidate(name, rnnkernels.convert(copy.deepcopy(model), backend=name)) for name in names]
+
+    exact = word_lm_results(copy.deepcopy(model).double(), tokens, targets)
+    verdicts = check_against(exact, candidates, lambda m: word_lm_results(m, tokens, targets), dtype)
+    tasks = {(c.name, "train"): word_lm_step_fn(c, tokens, targets) for c in candidates if verdicts[c.name]["correct"]}
+    timings = time_tasks(tasks, settings, device, per_call=1)
+
+    results = []
+    for candidate in candidates:
+        timing = timings.get((candidate.name, "train"))
+        results.append({"candidate": candidate.name, "first_call_ms": None, **verdicts[candidate.name],
+                        "fwd": None, "fwd_speedup": None, "train": timing,
+                        "train_speedup": speedup(timings, candidate.name, "train"), "train_peak_bytes": None,
+                        "tokens_per_s": seq * batch / timing["median"] * 1e3 if timing else None})
+    results += [{"candidate": name, "skipped": reason} for name, reason in skipped.items()]
+    return {"workload": f"word-lm-{vocab}", "cell": "lstm", "dtype": str(dtype).removeprefix("torch."),
+            "fwd_unit": "ms per call", "word_lm": {"vocab": vocab, "size": 650, "layers": 2, "seq": seq,
+                                                   "batch": batch}, "results": results}
 
 
 # --- reporting -----------------------------------------------------------------------------------
@@ -290,6 +375,11 @@ def timing_text(timing: dict | None) -> str:
     return f"{ms(timing['median'])} ±{50 * (timing['q3'] - timing['q1']) / timing['median']:.0f}%"
 
 
+def progress_bar(index: int, total: int, width: int = 10) -> str:
+    done = width * index // total
+    return f"[{'#' * done}{'.' * (width - done)}] {index}/{total}"
+
+
 def progress_line(case: dict, index: int, total: int, seconds: float) -> str:
     parts = []
     for result in case["results"]:
@@ -298,9 +388,10 @@ def progress_line(case: dict, index: int, total: int, seconds: float) -> str:
         elif not result["correct"]:
             parts.append(f"{result['candidate']} WRONG ({result.get('error') or ', '.join(result['failing'])})")
         else:
+            fwd = f" fwd {ms(result['fwd']['median'])}" if result["fwd"] else ""
             train = f" train {ms(result['train']['median'])}" if result["train"] else ""
-            parts.append(f"{result['candidate']} fwd {ms(result['fwd']['median'])}{train}")
-    return f"[{index}/{total}] {case['workload']} {case['cell']} {case['dtype']}: {' | '.join(parts)} ms ({seconds:.1f} s)"
+            parts.append(f"{result['candidate']}{fwd}{train}")
+    return f"{progress_bar(index, total)} {case['workload']} {case['cell']} {case['dtype']}: {' | '.join(parts)} ms ({seconds:.1f} s)"
 
 
 def table(cases: list[dict], device: torch.device) -> str:
@@ -322,7 +413,62 @@ def table(cases: list[dict], device: torch.device) -> str:
     lines.insert(1, "  ".join("-" * width for width in widths))
     notes = ("generate-* fwd: ms per single step at batch 1. ±: half the interquartile range over repeats, "
              "as % of the median. x: torch.nn time / this time.")
-    return "\n".join(lines + ["", notes])
+    word_lm_lines = [word_lm_line(case) for case in cases if "word_lm" in case]
+    return "\n".join(lines + ["", notes, *word_lm_lines])
+
+
+def word_lm_line(case: dict) -> str:
+    lm = case["word_lm"]
+    parts = [f"{r['candidate']} {r['tokens_per_s']:,.0f} tokens/s ({r['train_speedup']:.2f}x)"
+             for r in case["results"] if r.get("tokens_per_s")]
+    return (f"{case['workload']}: training step of embedding {lm['vocab']}x{lm['size']}, {lm['layers']}-layer LSTM "
+            f"{lm['size']}, linear to {lm['vocab']}, cross-entropy; seq {lm['seq']} batch {lm['batch']}: "
+            + " | ".join(parts))
+
+
+def load_pyplot():
+    """matplotlib.pyplot on the Agg backend, or exit saying how to install it."""
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit("rnnkernels.bench: --plot needs matplotlib: pip install matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    return pyplot
+
+
+def plot(cases: list[dict], path: Path, device: str) -> None:
+    """A bar chart of the speed-up over torch.nn of every correct candidate, per case: the training step
+    where the case has one, else the forward."""
+    pyplot = load_pyplot()
+    names = list(dict.fromkeys(r["candidate"] for case in cases for r in case["results"] if r["candidate"] != TORCH))
+    several_dtypes = len({case["dtype"] for case in cases}) > 1
+    labels, speedups = [], {name: [] for name in names}
+    for case in cases:
+        kind = "train" if any(r.get("train") for r in case["results"]) else "fwd"
+        dtype = f" {case['dtype']}" if several_dtypes else ""
+        labels.append(f"{case['workload']} {case['cell']}{dtype}" + ("" if kind == "train" else " (fwd)"))
+        by_name = {r["candidate"]: r.get(f"{kind}_speedup") for r in case["results"]}
+        for name in names:
+            speedups[name].append(by_name.get(name) or math.nan)  # skipped or wrong: no bar
+
+    figure, axes = pyplot.subplots(figsize=(max(6.0, 0.6 * len(cases) * max(1, len(names)) + 2), 4.5))
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        positions = [j + (i - (len(names) - 1) / 2) * width for j in range(len(cases))]
+        bars = axes.bar(positions, speedups[name], width, label=name)
+        axes.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+    axes.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    axes.set_xticks(range(len(cases)), labels, rotation=35, ha="right", fontsize=8)
+    axes.set_ylabel("speed-up over torch.nn (x)")
+    axes.set_title(f"rnnkernels on {device}: speed-up over torch.nn\n(training step; (fwd): forward only)",
+                   fontsize=10)
+    axes.legend()
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
 
 
 def git_commit() -> str | None:
@@ -383,6 +529,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "last at least this long (default 20)")
     parser.add_argument("--json", type=Path, help="write every figure and the run's metadata here")
     parser.add_argument("--report", type=Path, help="print the table of a run saved with --json, and run nothing")
+    parser.add_argument("--word-lm", action="store_true", help="add a training step of a whole word-level LM "
+                        "(vocab 10000, or 2000 with --quick), in tokens per second")
+    parser.add_argument("--plot", type=Path, help="save a PNG bar chart of the speed-ups here (needs matplotlib)")
     args = parser.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -408,21 +557,29 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.plot:
+        load_pyplot()  # fail now, not after the run
     if args.report:
         saved = json.loads(args.report.read_text())
         print(table(saved["cases"], torch.device(saved["metadata"]["device"])))
+        if args.plot:
+            plot(saved["cases"], args.plot, saved["metadata"]["device"])
+            print(f"wrote {args.plot}", file=sys.stderr)
         return
     device = torch.device(args.device)
-    cases = [(w, cell, dtype) for w in args.workloads for cell in w.cells if cell in args.cells for dtype in args.dtypes]
+    cases = [functools.partial(run_case, w, cell, dtype, device, args)
+             for w in args.workloads for cell in w.cells if cell in args.cells for dtype in args.dtypes]
+    cases += [functools.partial(run_word_lm, device, args)] if args.word_lm else []
     report = {"metadata": metadata(device), "settings": {
         "repeats": args.repeats, "warmup": args.warmup, "min_sample_ms": args.min_sample_ms,
-        "backends": args.backends, "workloads": [dataclasses.asdict(w) for w in args.workloads]}, "cases": []}
+        "backends": args.backends, "word_lm": args.word_lm,
+        "workloads": [dataclasses.asdict(w) for w in args.workloads]}, "cases": []}
     print(f"rnnkernels.bench on {device} ({report['metadata']['gpu'] or report['metadata']['cpu']}), "
           f"{len(cases)} cases, {args.repeats} repeats", file=sys.stderr)
     warm_up_process(device, args)
-    for index, (workload, cell, dtype) in enumerate(cases, 1):
+    for index, run in enumerate(cases, 1):
         start = time.perf_counter()
-        case = run_case(workload, cell, dtype, device, args)
+        case = run()
         report["cases"].append(case)
         print(progress_line(case, index, len(cases), time.perf_counter() - start), file=sys.stderr, flush=True)
     report["metadata"]["load_average_at_end"] = os.getloadavg()
@@ -430,6 +587,9 @@ def main(argv=None) -> None:
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
         print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        plot(report["cases"], args.plot, str(device))
+        print(f"wrote {args.plot}", file=sys.stderr)
 
 
 if __name__ == "__main__":
