@@ -20,6 +20,11 @@ const char* kBackwardArgs =
     "(Tensor grad_output, Tensor grad_h_n, Tensor? grad_c_n, Tensor h0, Tensor? c0, Tensor w_hh, "
     "Tensor? w_hr, Tensor? lengths, bool reverse, Tensor output, Tensor workspace) -> (Tensor grad_gx, "
     "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_hh, Tensor grad_b_hh, Tensor grad_w_hr)";
+// One time step of one layer with its input projection, for generation: x (B, I), h (B, P), c (B, H).
+// The workspace is one step of the sequence forward's, so the sequence backward at T = 1 serves it.
+const char* kStepArgs =
+    "(Tensor x, Tensor h, Tensor? c, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, "
+    "bool keep_workspace=True) -> (Tensor h_next, Tensor c_next, Tensor workspace)";
 const char* kCells[] = {"lstm", "gru", "rnn_tanh", "rnn_relu"};
 
 }  // namespace
@@ -31,6 +36,7 @@ TORCH_LIBRARY(rnnkernels, m) {
   for (const char* cell : kCells) {
     m.def((std::string(cell) + "_forward" + kForwardArgs).c_str());
     m.def((std::string(cell) + "_backward" + kBackwardArgs).c_str());
+    m.def((std::string(cell) + "_step" + kStepArgs).c_str());
   }
 }
 
@@ -39,12 +45,16 @@ TORCH_LIBRARY_IMPL(rnnkernels, CPU, m) {
   m.impl("linear", &rnnkernels::linear_cpu);
   m.impl("lstm_forward", &rnnkernels::forward_cpu<Cell::LSTM>);
   m.impl("lstm_backward", &rnnkernels::backward_cpu<Cell::LSTM>);
+  m.impl("lstm_step", &rnnkernels::step_cpu<Cell::LSTM>);
   m.impl("gru_forward", &rnnkernels::forward_cpu<Cell::GRU>);
   m.impl("gru_backward", &rnnkernels::backward_cpu<Cell::GRU>);
+  m.impl("gru_step", &rnnkernels::step_cpu<Cell::GRU>);
   m.impl("rnn_tanh_forward", &rnnkernels::forward_cpu<Cell::RNN_TANH>);
   m.impl("rnn_tanh_backward", &rnnkernels::backward_cpu<Cell::RNN_TANH>);
+  m.impl("rnn_tanh_step", &rnnkernels::step_cpu<Cell::RNN_TANH>);
   m.impl("rnn_relu_forward", &rnnkernels::forward_cpu<Cell::RNN_RELU>);
   m.impl("rnn_relu_backward", &rnnkernels::backward_cpu<Cell::RNN_RELU>);
+  m.impl("rnn_relu_step", &rnnkernels::step_cpu<Cell::RNN_RELU>);
 }
 
 // Importing rnnkernels._C runs the registrations above; the module itself holds nothing.

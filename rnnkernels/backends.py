@@ -1,7 +1,8 @@
 """Which backend runs a recurrence: the one rule, in one place.
 
-Each backend is one record: what it runs (the recurrence of one layer and direction, and the input
-projection) and ``unsupported(device, dtype)``, which answers None or the reason in words.
+Each backend is one record: what it runs (the recurrence of one layer and direction, the input
+projection, and optionally a fused single time step) and ``unsupported(device, dtype)``, which answers
+None or the reason in words.
 ``backend="auto"`` takes the first backend of its device's order that supports the case. An explicit
 choice comes, from the strongest to the weakest: the ``rnnkernels.use_backend(...)`` context manager
 (per call, this thread), the module's ``backend=`` argument, the ``RNNKERNELS_BACKEND`` environment
@@ -30,6 +31,17 @@ class Backend:
     recurrence: Callable  # contract: reference.recurrence
     linear: Callable  # contract: torch.nn.functional.linear
     unsupported: Callable[[torch.device, torch.dtype], str | None]
+    fused_step: Callable | None = None  # contract: Backend.step
+
+    def step(self, cell, x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr):
+        """One time step of one layer, input projection included: x (B, I), h (B, P), c (B, H) for the
+        LSTM else None. Returns (h', c'), c' None but for the LSTM. Without a fused step, the projection
+        and the recurrence at T = 1, which is also the fused step's specification."""
+        if self.fused_step is not None:
+            return self.fused_step(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
+        gx = self.linear(x, w_ih, b_ih).unsqueeze(0)
+        _, h, c = self.recurrence(cell, gx, h, c, w_hh, b_hh, w_hr, None, False)
+        return h, c
 
 
 def _cpu_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -45,7 +57,7 @@ def _cpu_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
 _BY_NAME = {
     backend.name: backend
     for backend in (
-        Backend("cpu", ops.recurrence, ops.linear, _cpu_unsupported),
+        Backend("cpu", ops.recurrence, ops.linear, _cpu_unsupported, ops.step),
         Backend("reference", reference.recurrence, torch.nn.functional.linear, lambda device, dtype: None),
     )
 }

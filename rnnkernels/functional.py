@@ -1,7 +1,8 @@
 """A whole multi-layer, possibly bidirectional recurrent network over a time-major padded batch.
 
 Per layer and direction: the input projection of all time steps as one GEMM, then the recurrence, both
-on the chosen backend; dropout between layers as torch.nn applies it.
+on the chosen backend (a single time step goes to the backend's step instead); dropout between layers as
+torch.nn applies it.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ def rnn(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """x (T, B, input), h0 (layers*dirs, B, P), c0 (layers*dirs, B, H) for LSTM; lengths (B) int64 on the
     CPU or None. Returns (output (T, B, dirs*P), h_n, c_n); c_n is None but for LSTM."""
-    run, project = backend.recurrence, backend.linear
     directions = 2 if bidirectional else 1
     h_n, c_n = [], []
     for layer in range(num_layers):
@@ -55,11 +55,15 @@ def rnn(
         for direction in range(directions):
             index = layer * directions + direction
             w = weights[index]
-            gx = project(x, w.w_ih, w.b_ih)
-            out, h, c = run(
-                cell, gx, h0[index], None if c0 is None else c0[index], w.w_hh, w.b_hh, w.w_hr, lengths,
-                direction == 1,
-            )
+            c_start = None if c0 is None else c0[index]
+            if x.size(0) == 1 and lengths is None:  # one step, as in generation: one fused call
+                h, c = backend.step(cell, x[0], h0[index], c_start, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr)
+                out = h.unsqueeze(0)
+            else:
+                gx = backend.linear(x, w.w_ih, w.b_ih)
+                out, h, c = backend.recurrence(
+                    cell, gx, h0[index], c_start, w.w_hh, w.b_hh, w.w_hr, lengths, direction == 1
+                )
             outputs.append(out)
             h_n.append(h)
             c_n.append(c)

@@ -2,7 +2,8 @@
 torch.compile, and autograd (the hand-written backward operator of each cell).
 
 The schemas live in csrc/ops.cpp: per cell c in CELLS, rnnkernels::{c}_forward and rnnkernels::{c}_backward,
-over one layer and direction of a whole sequence.
+over one layer and direction of a whole sequence, and rnnkernels::{c}_step, one time step with its input
+projection, whose backward is the sequence backward at T = 1.
 """
 
 from __future__ import annotations
@@ -64,6 +65,23 @@ def _fake_backward(cell: str):
     return fake
 
 
+def _fake_step(cell: str):
+    def fake(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, keep_workspace=True):
+        H = w_hh.shape[0] // GATES[cell]
+        c_next = c.new_empty(c.shape) if cell == "lstm" else x.new_empty(0)
+        return h.new_empty(h.shape), c_next, x.new_empty(x.shape[0], workspace_width(cell, H) if keep_workspace else 0)
+
+    return fake
+
+
+def _check_not_double_backward() -> None:
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "rnnkernels: the compiled backward is not differentiable (create_graph=True); "
+            "run double backward on backend='reference'"
+        )
+
+
 def _setup_context(ctx, inputs, output):
     _, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, *_ = inputs
     out, _, _, workspace = output
@@ -78,11 +96,7 @@ def _autograd_backward(cell: str):
     backward_op = getattr(torch.ops.rnnkernels, f"{cell}_backward")
 
     def backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_workspace):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "rnnkernels: the compiled backward is not differentiable (create_graph=True); "
-                "run double backward on backend='reference'"
-            )
+        _check_not_double_backward()
         h0, c0, w_hh, w_hr, lengths, output, workspace = ctx.saved_tensors
         grad_output = torch.zeros_like(output) if grad_output is None else grad_output
         grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
@@ -101,6 +115,44 @@ def _autograd_backward(cell: str):
             grad_w_hr if w_hr is not None else None,
             None,
             None,
+            None,
+        )
+
+    return backward
+
+
+def _step_setup_context(ctx, inputs, output):
+    x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, _ = inputs
+    h_next, _, workspace = output
+    ctx.save_for_backward(x, h, c, w_ih, w_hh, w_hr, h_next, workspace)
+    ctx.set_materialize_grads(False)
+    ctx.has_biases = (b_ih is not None, b_hh is not None)
+
+
+def _step_autograd_backward(cell: str):
+    backward_op = getattr(torch.ops.rnnkernels, f"{cell}_backward")
+
+    def backward(ctx, grad_h_next, grad_c_next, _grad_workspace):
+        _check_not_double_backward()
+        x, h, c, w_ih, w_hh, w_hr, h_next, workspace = ctx.saved_tensors
+        grad_h_next = torch.zeros_like(h_next) if grad_h_next is None else grad_h_next
+        grads = backward_op(
+            grad_h_next.unsqueeze(0), torch.zeros_like(h), grad_c_next if cell == "lstm" else None, h, c, w_hh,
+            w_hr, None, False, h_next.unsqueeze(0), workspace.unsqueeze(0),
+        )
+        grad_gx, grad_h, grad_c, grad_w_hh, grad_b_hh, grad_w_hr = grads
+        grad_gx = grad_gx[0]
+        project = torch.ops.rnnkernels.linear
+        needs = ctx.needs_input_grad
+        return (
+            project(grad_gx, w_ih.t(), None) if needs[0] else None,
+            grad_h,
+            grad_c if cell == "lstm" else None,
+            project(grad_gx.t(), x.t(), None) if needs[3] else None,
+            grad_w_hh,
+            grad_gx.sum(0) if ctx.has_biases[0] else None,
+            grad_b_hh if ctx.has_biases[1] else None,
+            grad_w_hr if w_hr is not None else None,
             None,
         )
 
@@ -131,6 +183,9 @@ def _register() -> None:
         torch.library.register_fake(forward_name)(_fake_forward(cell))
         torch.library.register_fake(backward_name)(_fake_backward(cell))
         torch.library.register_autograd(forward_name, _autograd_backward(cell), setup_context=_setup_context)
+        step_name = f"rnnkernels::{cell}_step"
+        torch.library.register_fake(step_name)(_fake_step(cell))
+        torch.library.register_autograd(step_name, _step_autograd_backward(cell), setup_context=_step_setup_context)
 
 
 if LOAD_ERROR is None:
@@ -162,6 +217,27 @@ def recurrence(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One layer and direction through the compiled operator; same contract as reference.recurrence."""
     inputs = (gx, h0, c0, w_hh, b_hh, w_hr)
-    keep_workspace = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    output, h_n, c_n, _ = forward_op(cell)(*inputs, lengths, reverse, keep_workspace)
+    output, h_n, c_n, _ = forward_op(cell)(*inputs, lengths, reverse, _needs_workspace(inputs))
     return output, h_n, (c_n if cell == "lstm" else None)
+
+
+def step(
+    cell: str,
+    x: Tensor,
+    h: Tensor,
+    c: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    w_hr: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    """One time step of one layer through the fused step operator; same contract as backends.Backend.step."""
+    inputs = (x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
+    h_next, c_next, _ = getattr(torch.ops.rnnkernels, f"{cell}_step")(*inputs, _needs_workspace(inputs))
+    return h_next, (c_next if cell == "lstm" else None)
+
+
+def _needs_workspace(inputs) -> bool:
+    """Whether autograd will call the backward, which reads the forward's workspace."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)

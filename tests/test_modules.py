@@ -90,6 +90,31 @@ def test_rnn_matches_torch_bfloat16(kind, case, backend):
     check_twin(m, t, x, hx, seed=99)
 
 
+SINGLE_STEP_CASES = [("LSTM", "proj_two_layers_bidir_hx"), ("GRU", "dropout_train_three_layers_bidir_hx"),
+                     ("RNN_relu", "two_layers_bidirectional_hx"), ("LSTM", "unbatched_hx_batch_first_bidir_two_layers"),
+                     ("RNN_tanh", "no_bias_bidirectional_hx"), ("GRU", "packed_unsorted_hx_bidir_two_layers")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,case", SINGLE_STEP_CASES, ids=[f"{k}-{c}" for k, c in SINGLE_STEP_CASES])
+def test_rnn_single_step_matches_torch(kind, case, backend, dtype):
+    """T = 1, as in generation: each layer goes through the backend's step, not the sequence operator."""
+    m, t, x, hx = build_case(kind, case, dtype, backend, T=1)
+    check_twin(m, t, x, hx, seed=7)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_tanh"])
+def test_single_step_runs_the_fused_step_operator(kind):
+    m, t, x, hx = build_case(kind, "two_layers_hx", torch.float32, "cpu", T=1)
+    with torch.autograd.profiler.profile() as profile:
+        t(x, hx)
+    names = {event.name for event in profile.function_events}
+    cell = {"LSTM": "lstm", "GRU": "gru", "RNN_tanh": "rnn_tanh"}[kind]
+    assert f"rnnkernels::{cell}_step" in names
+    assert f"rnnkernels::{cell}_forward" not in names
+
+
 @pytest.mark.parametrize("kind", list(RNN_KINDS))
 def test_rnn_matches_torch_float16(kind):
     m, t, x, hx = build_case(kind, "two_layers_bidirectional_hx", torch.float16, "cpu")

@@ -203,6 +203,89 @@ def test_backward_op_matches_autograd_of_reference(cell, projected):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
+# ------------------------------------------------------------------------------------- one-step op
+def step_args(cell, projected=False, B=3, I=4, H=2, P=1, bias=True, dtype=torch.float64, requires_grad=True, seed=0):
+    """(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr) of one time step."""
+    gx, h0, c0, w_hh, b_hh, w_hr, _, _ = op_args(cell, projected, T=1, B=B, H=H, P=P, bias=bias, dtype=dtype,
+                                                 requires_grad=requires_grad, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(B, I, dtype=torch.float64, generator=g).to(dtype).requires_grad_(requires_grad)
+    w_ih = (torch.randn(w_hh.shape[0], I, dtype=torch.float64, generator=g) * 0.5).to(dtype).requires_grad_(requires_grad)
+    b_ih = gx[0, 0].detach().clone().requires_grad_(requires_grad) if bias else None
+    return [x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr]
+
+
+def step_outputs(cell):
+    op = getattr(torch.ops.rnnkernels, f"{cell}_step")
+
+    def f(*args):
+        h_next, c_next, _workspace = op(*args)
+        return (h_next, c_next) if cell == "lstm" else h_next
+
+    return f
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("cell,projected", OP_CELLS, ids=OP_IDS)
+def test_gradcheck_step_op(cell, projected, bias):
+    args = step_args(cell, projected, bias=bias)
+    if cell == "rnn_relu":  # away from the kink at 0
+        with torch.no_grad():
+            args[0].mul_(3)
+    assert torch.autograd.gradcheck(step_outputs(cell), args, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cell,projected", OP_CELLS, ids=OP_IDS)
+def test_step_op_matches_reference_and_sequence_workspace(cell, projected):
+    """The fused step against the reference backend's step (projection, then the recurrence at T = 1), and
+    its workspace against one step of the sequence operator's."""
+    args = step_args(cell, projected, requires_grad=False)
+    h_next, c_next, workspace = getattr(torch.ops.rnnkernels, f"{cell}_step")(*args)
+    ref_h, ref_c = rnnkernels.backends.select("reference", args[0].device, args[0].dtype).step(cell, *args)
+    torch.testing.assert_close(h_next, ref_h, atol=1e-12, rtol=0)
+    if cell == "lstm":
+        torch.testing.assert_close(c_next, ref_c, atol=1e-12, rtol=0)
+    else:
+        assert c_next.numel() == 0
+    x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr = args
+    gx = torch.nn.functional.linear(x, w_ih, b_ih).unsqueeze(0)
+    sequence_workspace = ops.forward_op(cell)(gx, h, c, w_hh, b_hh, w_hr, None, False)[3]
+    torch.testing.assert_close(workspace, sequence_workspace[0], atol=1e-12, rtol=0)
+    skipped = getattr(torch.ops.rnnkernels, f"{cell}_step")(*args, keep_workspace=False)[2]
+    assert tuple(skipped.shape) == (3, 0)
+
+
+@pytest.mark.parametrize("variant", ["full", "no_bias", "float32_wider"])
+@pytest.mark.parametrize("cell,projected", OP_CELLS, ids=OP_IDS)
+def test_opcheck_step(cell, projected, variant):
+    kwargs = {"full": {}, "no_bias": {"bias": False}, "float32_wider": dict(B=2, I=3, H=5, P=3, dtype=torch.float32)}
+    args = step_args(cell, projected, **kwargs[variant])
+    torch.library.opcheck(getattr(torch.ops.rnnkernels, f"{cell}_step"), tuple(args))
+
+
+BAD_STEP = {
+    "x_width": {"x": lambda v: v["x"][:, :-1]},
+    "x_3d": {"x": lambda v: v["x"][None]},
+    "x_batch": {"x": lambda v: v["x"][:-1]},
+    "w_ih_rows": {"w_ih": lambda v: v["w_ih"][:-1]},
+    "b_ih_shape": {"b_ih": lambda v: v["b_ih"][:-1]},
+    "x_dtype": {"x": lambda v: v["x"].float()},
+    "w_ih_dtype": {"w_ih": lambda v: v["w_ih"].float()},
+    "h_width": {"h": lambda v: v["h"][:, :-1]},
+    "c_missing": {"c": lambda v: None},
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STEP))
+def test_step_op_rejects_bad_arguments(case):
+    names = ["x", "h", "c", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr"]
+    values = dict(zip(names, step_args("lstm", requires_grad=False)))
+    for key, fn in BAD_STEP[case].items():
+        values[key] = fn(values)
+    with pytest.raises(RuntimeError, match="rnnkernels"):
+        torch.ops.rnnkernels.lstm_step(*[values[n] for n in names])
+
+
 # ------------------------------------------------------------------------------------ argument errors
 def _forward_case(change):
     cell = change.get("cell", "lstm")
@@ -326,7 +409,7 @@ def test_ops_accept_empty_sequence_and_batch():
 
 
 def test_all_operators_registered():
-    names = {f"{c}_{d}" for c, d in itertools.product(ops.CELLS, ("forward", "backward"))} | {"linear"}
+    names = {f"{c}_{d}" for c, d in itertools.product(ops.CELLS, ("forward", "backward", "step"))} | {"linear"}
     for name in names:
         assert hasattr(torch.ops.rnnkernels, name), name
     assert set(ops.CELLS) == {"lstm", "gru", "rnn_tanh", "rnn_relu"}

@@ -449,6 +449,19 @@ Tensor linear_cpu(const Tensor& x, const Tensor& w, const std::optional<Tensor>&
   return linear_once(x, w, b);
 }
 
+template <Cell cell>
+Tensors3 step_cpu(const Tensor& x, const Tensor& h, const std::optional<Tensor>& c, const Tensor& w_ih,
+                  const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+                  const std::optional<Tensor>& w_hr, bool keep_workspace) {
+  TORCH_CHECK(x.dim() == 2 && w_ih.dim() == 2 && w_ih.size(0) == w_hh.size(0) && x.size(1) == w_ih.size(1),
+              "rnnkernels: a step takes x [B, input_size] and w_ih [", w_hh.size(0), ", input_size], got ",
+              x.sizes(), " and ", w_ih.sizes());
+  const Tensor gx = linear_cpu(x, w_ih, b_ih).unsqueeze(0);
+  auto [output, h_next, c_next, workspace] =
+      forward_cpu<cell>(gx, h, c, w_hh, b_hh, w_hr, std::nullopt, false, keep_workspace);
+  return {h_next, c_next, workspace.squeeze(0)};
+}
+
 #define RNNKERNELS_INSTANTIATE(cell)                                                                     \
   template Tensors4 forward_cpu<cell>(const Tensor&, const Tensor&, const std::optional<Tensor>&,        \
                                       const Tensor&, const std::optional<Tensor>&,                       \
@@ -457,7 +470,10 @@ Tensor linear_cpu(const Tensor& x, const Tensor& w, const std::optional<Tensor>&
   template Tensors6 backward_cpu<cell>(const Tensor&, const Tensor&, const std::optional<Tensor>&,       \
                                        const Tensor&, const std::optional<Tensor>&, const Tensor&,       \
                                        const std::optional<Tensor>&, const std::optional<Tensor>&, bool, \
-                                       const Tensor&, const Tensor&);
+                                       const Tensor&, const Tensor&);                                     \
+  template Tensors3 step_cpu<cell>(const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&, \
+                                   const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&, \
+                                   const std::optional<Tensor>&, bool);
 RNNKERNELS_INSTANTIATE(Cell::LSTM)
 RNNKERNELS_INSTANTIATE(Cell::GRU)
 RNNKERNELS_INSTANTIATE(Cell::RNN_TANH)

@@ -9,6 +9,7 @@ namespace rnnkernels {
 
 enum class Cell { LSTM, GRU, RNN_TANH, RNN_RELU };
 
+using Tensors3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Tensors6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
@@ -24,6 +25,14 @@ Tensors6 backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                       const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
                       const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
                       bool reverse, const at::Tensor& output, const at::Tensor& workspace);
+
+// One time step with its input projection: the sequence forward at T = 1 behind one operator call, so
+// that generation pays one dispatch per layer and step.
+template <Cell cell>
+Tensors3 step_cpu(const at::Tensor& x, const at::Tensor& h, const std::optional<at::Tensor>& c,
+                  const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                  const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+                  bool keep_workspace);
 
 // x w^T + b for 2-D x (any strides): the input projection and its gradients on the CPU.
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b);
