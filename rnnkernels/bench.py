@@ -53,6 +53,9 @@ CELL_MODULES = {
 }
 TORCH = "torch.nn"
 TORCH_NO_CUDNN = "torch.nn-nocudnn"
+# What is timed: the forward under no_grad, a training step, and on CUDA the training step captured in
+# CUDA graphs (device time, with launch overhead gone on both sides).
+KINDS = ("fwd", "train", "train_graphed")
 
 
 @dataclasses.dataclass
@@ -86,6 +89,32 @@ def forward_fn(candidate: Candidate, x: torch.Tensor, generate: bool):
             run_sequence(candidate.module, x, generate)
 
     return forward
+
+
+class _OutputOnly(nn.Module):
+    """A sequence module's output alone: what torch.cuda.make_graphed_callables can capture."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)[0]
+
+
+def graphed_train_step_fn(candidate: Candidate, x: torch.Tensor, projection: torch.Tensor):
+    """The training step with the module's forward and backward captured in CUDA graphs by
+    torch.cuda.make_graphed_callables, the same way for every candidate: what remains is device time."""
+    candidate.module.train()
+    with candidate.context():
+        graphed = torch.cuda.make_graphed_callables(_OutputOnly(candidate.module), (x,))
+
+    def train_step():
+        candidate.module.zero_grad(set_to_none=True)
+        x.grad = None
+        (graphed(x) * projection).sum().backward()
+
+    return train_step
 
 
 def train_step_fn(candidate: Candidate, x: torch.Tensor, projection: torch.Tensor):
@@ -274,16 +303,27 @@ def run_case(workload: Workload, cell: str, dtype: torch.dtype, device: torch.de
     tasks = {(c.name, "fwd"): forward_fn(c, x, workload.generate) for c in correct}
     if not workload.generate:
         tasks.update({(c.name, "train"): train_step_fn(c, x, projection) for c in correct})
+    graph_errors = {}
+    if device.type == "cuda" and not workload.generate:
+        for c in correct:
+            if c.name == TORCH_NO_CUDNN:  # the graphed comparison is against cuDNN
+                continue
+            try:
+                tasks[c.name, "train_graphed"] = graphed_train_step_fn(c, x, projection)
+            except (RuntimeError, TypeError) as error:  # reported, not fatal: the plain figures stand
+                graph_errors[c.name] = f"{type(error).__name__}: {error}"
     timings = time_tasks(tasks, settings, device, per_call=workload.seq if workload.generate else 1)
     peaks = {c.name: train_peak_bytes(tasks[c.name, "train"], device) for c in correct if not workload.generate}
 
     results = []
     for candidate in candidates:
         result = {"candidate": candidate.name, "first_call_ms": first_calls[candidate.name], **verdicts[candidate.name]}
-        for kind in ("fwd", "train"):
+        for kind in KINDS:
             result[kind] = timings.get((candidate.name, kind))
             result[f"{kind}_speedup"] = speedup(timings, candidate.name, kind)
         result["train_peak_bytes"] = peaks.get(candidate.name)
+        if candidate.name in graph_errors:
+            result["graph_error"] = graph_errors[candidate.name]
         results.append(result)
     results += [{"candidate": name, "skipped": reason} for name, reason in skipped.items()]
     return {"workload": workload.name, "cell": cell, "dtype": str(dtype).removeprefix("torch."),
@@ -368,6 +408,10 @@ def ms(value: float | None) -> str:
     return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.3g}"
 
 
+def times_text(value: float | None) -> str:
+    return f"{value:.2f}x" if value else "-"
+
+
 def timing_text(timing: dict | None) -> str:
     """Median, with half the interquartile range as a percentage of it."""
     if timing is None:
@@ -395,26 +439,34 @@ def progress_line(case: dict, index: int, total: int, seconds: float) -> str:
 
 
 def table(cases: list[dict], device: torch.device) -> str:
-    header = ["workload", "cell", "dtype", "backend", "fwd ms", "train ms", "fwd x", "train x", "first ms"]
-    header += ["peak MiB"] if device.type == "cuda" else []
+    cuda = device.type == "cuda"
+    header = ["workload", "cell", "dtype", "backend", "fwd ms", "train ms", "fwd x", "train x"]
+    header += ["graphed ms", "graphed x", "first ms", "peak MiB"] if cuda else ["first ms"]
     rows = [header + ["correct"]]
     for case in cases:
         for r in case["results"]:
             if "skipped" in r:
                 continue
-            speedups = [f"{r[key]:.2f}x" if r[key] else "-" for key in ("fwd_speedup", "train_speedup")]
+            speedups = [times_text(r.get(key)) for key in ("fwd_speedup", "train_speedup")]
             row = [case["workload"], case["cell"], case["dtype"], r["candidate"], timing_text(r["fwd"]),
-                   timing_text(r["train"]), *speedups, ms(r["first_call_ms"])]
-            if device.type == "cuda":
+                   timing_text(r["train"]), *speedups]
+            if cuda:
+                row += [timing_text(r.get("train_graphed")), times_text(r.get("train_graphed_speedup"))]
+            row.append(ms(r["first_call_ms"]))
+            if cuda:
                 row.append(f"{r['train_peak_bytes'] / 2**20:.0f}" if r["train_peak_bytes"] else "-")
             rows.append(row + ["yes" if r["correct"] else "NO"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) + 1)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     notes = ("generate-* fwd: ms per single step at batch 1. ±: half the interquartile range over repeats, "
-             "as % of the median. x: torch.nn time / this time.")
+             "as % of the median. x: torch.nn time / this time."
+             + (" graphed: the training step captured in CUDA graphs (make_graphed_callables), against "
+                "torch.nn's captured the same way." if cuda else ""))
+    graph_errors = [f"{case['workload']} {case['cell']} {case['dtype']} {r['candidate']}: graph capture failed: "
+                    f"{r['graph_error']}" for case in cases for r in case["results"] if r.get("graph_error")]
     word_lm_lines = [word_lm_line(case) for case in cases if "word_lm" in case]
-    return "\n".join(lines + ["", notes, *word_lm_lines])
+    return "\n".join(lines + ["", notes, *graph_errors, *word_lm_lines])
 
 
 def word_lm_line(case: dict) -> str:

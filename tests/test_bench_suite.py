@@ -1,0 +1,61 @@
+"""rnnkernels.bench on tiny cases: the correctness gate flags a wrong candidate, timings and the report hold
+what the JSON promises, and on CUDA the graphed training step runs. The real figures come from
+`python -m rnnkernels.bench`; these tests keep the suite itself working."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import rnnkernels
+from helpers import DEVICES
+from rnnkernels import bench
+from rnnkernels.workloads import Workload
+
+TINY = Workload("tiny", ("lstm", "gru", "rnn"), 2, 5, 8, 4, 3, "test")
+TINY_GENERATE = Workload("tiny-generate", ("lstm", "gru", "rnn"), 1, 8, 8, 4, 1, "test", generate=True)
+
+
+def settings(**overrides):
+    args = bench.parse_args(["--repeats", "2", "--warmup", "1", "--min-sample-ms", "0.1", "--device", "cpu"])
+    vars(args).update(overrides)
+    return args
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("workload", [TINY, TINY_GENERATE], ids=["sequence", "generate"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_run_case_checks_and_times_every_candidate(cell, workload, device):
+    case = bench.run_case(workload, cell, torch.float32, torch.device(device), settings(device=device))
+    by_name = {r["candidate"]: r for r in case["results"]}
+    assert bench.TORCH in by_name and len(by_name) >= 2
+    kinds = ["fwd"] if workload.generate else ["fwd", "train"] + (["train_graphed"] if device == "cuda" else [])
+    for result in by_name.values():
+        if "skipped" in result:
+            continue
+        assert result["correct"], result
+        for kind in kinds:
+            assert result[kind]["median"] > 0 and len(result[kind]["samples"]) == 2
+        assert result["fwd_speedup"] > 0
+    assert by_name[bench.TORCH]["fwd_speedup"] == pytest.approx(1.0)
+
+
+def test_wrong_candidate_is_flagged_and_not_timed():
+    module, x, projection = bench.build(TINY, "gru", torch.float32, torch.device("cpu"))
+    wrong = rnnkernels.GRU.from_torch(module, backend="cpu")
+    wrong.weight_hh_l0 = torch.nn.Parameter(module.weight_hh_l0.detach() * 1.001)
+    candidates = [bench.Candidate(bench.TORCH, module), bench.Candidate("cpu", wrong)]
+    verdicts = bench.check(candidates, module, x, projection, generate=False)
+    assert verdicts[bench.TORCH]["correct"]
+    assert not verdicts["cpu"]["correct"] and "output" in verdicts["cpu"]["failing"]
+
+
+def test_report_round_trip(tmp_path, capsys):
+    case = bench.run_case(TINY, "lstm", torch.float32, torch.device("cpu"), settings())
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"metadata": bench.metadata(torch.device("cpu")), "cases": [case]}))
+    bench.main(["--report", str(path)])
+    text = capsys.readouterr().out
+    assert "tiny" in text and "torch.nn" in text and "cpu" in text
