@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -259,3 +261,13 @@ def test_compile_fullgraph_matches_eager():
         results.append([out, h, c, xs.grad])
     for name, a, b in zip(("output", "h_n", "c_n", "grad_input"), *results):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_the_gpu():
+    """Every kernel variant through Triton's compiler and ptxas for sm_90, which the interpreter skips
+    (tests/triton_compile.py, in a process without TRITON_INTERPRET)."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_compile.py")
+    result = subprocess.run([sys.executable, script, "90"], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]

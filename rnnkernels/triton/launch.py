@@ -93,12 +93,15 @@ def _lengths_on(device: torch.device, lengths: Tensor | None, T: int, B: int) ->
 
 
 def _meta(dtype: torch.dtype, H: int, P: int) -> dict:
-    """Tile sizes (kernels.py's assumption: powers of two >= 16) and the precision of float32 dots."""
+    """Tile sizes (kernels.py's assumption: powers of two >= 16), warps and the precision of float32 dots."""
     widest = max(H, P)
     # float32 dots as torch.nn's recurrence computes them on cuDNN: in TF32 where cuDNN may use it.
     tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32
     return dict(
         PRECISION="tf32" if tf32 else "ieee",
+        # With 4 warps the LSTM's four gate tiles and their pointers spill registers on sm_90 (ptxas -v,
+        # tests/triton_compile.py); 8 warps hold them.
+        num_warps=8,
         BLOCK_B=16,
         BLOCK_N=min(64, max(16, triton.next_power_of_2(widest))),
         BLOCK_K=16 if widest <= 16 else 32,
