@@ -179,7 +179,8 @@ def test_operators_low_precision(cell, projected, dtype, path):
     args = op_args(cell, projected, T=5, B=4, H=6, lengths=[5, 2, 0, 4], reverse=True, dtype=dtype)
     cotangents = None
     results = {}
-    for name, run_dtype, prefix in (("float64", torch.float64, ""), ("compiled", dtype, ""), ("triton", dtype, "triton_")):
+    runs = (("float64", torch.float64, ""), ("compiled", dtype, ""), ("triton", dtype, "triton_"))
+    for name, run_dtype, prefix in runs:
         device = DEVICE if prefix else "cpu"
         inputs = [a.detach().to(device=device, dtype=run_dtype).requires_grad_(True)
                   if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]

@@ -9,6 +9,7 @@
 # - lengths int32 on the device, each in [0, T] (the launcher passes T for every sequence when the
 #   caller has none); every (t, b) of output, workspace and gradients is written, zeros where t >= length;
 # - the tiles: BLOCK_B, BLOCK_N, BLOCK_K powers of two >= 16 (tl.dot's minimum); any B, H, P is masked;
+# - T * B and G * H * max(H, P) below 2^31: indices are int32 until they scale a row width (then int64);
 # - a program owns the batch rows of its tile (axis 0) and the columns n0, n0 + num_programs(1) *
 #   BLOCK_N, ... of each phase (axis 1). The persistent path launches one program per batch tile
 #   (num_programs(1) == 1) over all time steps; each phase then reads what the same program wrote in
