@@ -54,16 +54,48 @@ def _cpu_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
+_triton: list = []  # [rnnkernels.triton or None, why not], filled on first use
+
+
+def _triton_backend() -> list:
+    # Imported on first use, not with rnnkernels: it needs triton, and TRITON_INTERPRET is read then.
+    if not _triton:
+        try:
+            from . import triton as module
+
+            _triton[:] = [module, None]
+        except Exception as error:  # no triton, or one that fails to initialise
+            _triton[:] = [None, f"{type(error).__name__}: {error}"]
+    return _triton
+
+
+def _triton_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
+    module, error = _triton_backend()
+    if module is None:
+        return f"Triton could not be imported ({error})"
+    if device.type != "cuda" and not (device.type == "cpu" and module.INTERPRETED):
+        return (f"the triton backend runs CUDA tensors (CPU tensors in Triton's interpreter, TRITON_INTERPRET=1), "
+                f"got a tensor on {device}")
+    if dtype not in module.DTYPES:
+        return f"the triton backend runs {module.DTYPES}, got {dtype}"
+    return None
+
+
+def _triton_recurrence(*args):
+    return _triton_backend()[0].recurrence(*args)
+
+
 _BY_NAME = {
     backend.name: backend
     for backend in (
         Backend("cpu", ops.recurrence, ops.linear, _cpu_unsupported, ops.step),
+        Backend("triton", _triton_recurrence, torch.nn.functional.linear, _triton_unsupported),
         Backend("reference", reference.recurrence, torch.nn.functional.linear, lambda device, dtype: None),
     )
 }
 BACKENDS = tuple(_BY_NAME)
 # "auto" tries these in order; the reference backend, last everywhere, runs anything.
-AUTO_ORDER = {"cpu": ("cpu", "reference")}
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")}
 FALLBACK_ORDER = ("reference",)
 
 _local = threading.local()

@@ -92,8 +92,8 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = b_hh is not None
 
 
-def _autograd_backward(cell: str):
-    backward_op = getattr(torch.ops.rnnkernels, f"{cell}_backward")
+def _autograd_backward(cell: str, prefix: str):
+    backward_op = getattr(torch.ops.rnnkernels, f"{prefix}{cell}_backward")
 
     def backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_workspace):
         _check_not_double_backward()
@@ -175,14 +175,21 @@ def _linear_backward(ctx, grad):
     return grad_x, grad_w, grad_b
 
 
+def register_recurrence_ops(prefix: str) -> None:
+    """Fake implementations and autograd of rnnkernels::{prefix}{cell}_forward and _backward, every cell:
+    the same for every backend's operators (prefix "" the compiled ones, "triton_" rnnkernels/triton)."""
+    for cell in CELLS:
+        forward_name, backward_name = f"rnnkernels::{prefix}{cell}_forward", f"rnnkernels::{prefix}{cell}_backward"
+        torch.library.register_fake(forward_name)(_fake_forward(cell))
+        torch.library.register_fake(backward_name)(_fake_backward(cell))
+        torch.library.register_autograd(forward_name, _autograd_backward(cell, prefix), setup_context=_setup_context)
+
+
 def _register() -> None:
     torch.library.register_fake("rnnkernels::linear")(lambda x, w, b: x.new_empty(x.shape[0], w.shape[0]))
     torch.library.register_autograd("rnnkernels::linear", _linear_backward, setup_context=_linear_setup_context)
+    register_recurrence_ops("")
     for cell in CELLS:
-        forward_name, backward_name = f"rnnkernels::{cell}_forward", f"rnnkernels::{cell}_backward"
-        torch.library.register_fake(forward_name)(_fake_forward(cell))
-        torch.library.register_fake(backward_name)(_fake_backward(cell))
-        torch.library.register_autograd(forward_name, _autograd_backward(cell), setup_context=_setup_context)
         step_name = f"rnnkernels::{cell}_step"
         torch.library.register_fake(step_name)(_fake_step(cell))
         torch.library.register_autograd(step_name, _step_autograd_backward(cell), setup_context=_step_setup_context)
@@ -198,10 +205,10 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return rows.view(*x.shape[:-1], w.shape[0])
 
 
-def forward_op(cell: str):
-    """The compiled forward operator of a cell: (gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse,
-    keep_workspace=True) -> (output, h_n, c_n, workspace)."""
-    return getattr(torch.ops.rnnkernels, f"{cell}_forward")
+def forward_op(cell: str, prefix: str = ""):
+    """The forward operator of a cell, compiled (prefix "") or another backend's: (gx, h0, c0, w_hh, b_hh,
+    w_hr, lengths, reverse, keep_workspace=True) -> (output, h_n, c_n, workspace)."""
+    return getattr(torch.ops.rnnkernels, f"{prefix}{cell}_forward")
 
 
 def recurrence(
@@ -214,10 +221,12 @@ def recurrence(
     w_hr: Tensor | None,
     lengths: Tensor | None,
     reverse: bool,
+    prefix: str = "",
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """One layer and direction through the compiled operator; same contract as reference.recurrence."""
+    """One layer and direction through the compiled operator (or that of `prefix`, as forward_op); same
+    contract as reference.recurrence."""
     inputs = (gx, h0, c0, w_hh, b_hh, w_hr)
-    output, h_n, c_n, _ = forward_op(cell)(*inputs, lengths, reverse, _needs_workspace(inputs))
+    output, h_n, c_n, _ = forward_op(cell, prefix)(*inputs, lengths, reverse, _needs_workspace(inputs))
     return output, h_n, (c_n if cell == "lstm" else None)
 
 

@@ -35,14 +35,14 @@ def spy(monkeypatch):
 
 
 def test_backend_names():
-    assert rnnkernels.BACKENDS == ("cpu", "reference")
+    assert rnnkernels.BACKENDS == ("cpu", "triton", "reference")
     assert backends.check_name("auto") == "auto"
     for name in rnnkernels.BACKENDS:
         assert backends.check_name(name) == name
     with pytest.raises(ValueError):
         backends.check_name("CPU")
     with pytest.raises(ValueError):
-        backends.unsupported("triton", CPU, torch.float32)
+        backends.unsupported("tpu", CPU, torch.float32)
 
 
 @pytest.mark.skipif(not HAS_EXTENSION, reason="compiled extension not loaded")

@@ -1,0 +1,358 @@
+# Triton kernels of the recurrence of one layer and one direction over a whole sequence: the forward
+# sweep (recurrent matmul h W_hh^T fused with the gates and the state update) and the backward sweep
+# (gate derivatives fused with dh W_hh), for every cell. Shapes as in csrc/recurrence_args.h.
+#
+# What the kernels assume (rnnkernels/triton/launch.py checks it on the host before any launch):
+# - every tensor contiguous, row-major, on one device; gx, weights, output and workspace in one dtype
+#   (float32, float16 or bfloat16); the states the sweep carries (h, c, dh, dc) float32 scratch
+#   buffers of shape (2, B, width), read from slot s % 2 and written to the other at step s;
+# - lengths int32 on the device, each in [0, T] (the launcher passes T for every sequence when the
+#   caller has none); every (t, b) of output, workspace and gradients is written, zeros where t >= length;
+# - the tiles: BLOCK_B, BLOCK_N, BLOCK_K powers of two >= 16 (tl.dot's minimum); any B, H, P is masked;
+# - T * B and G * H * max(H, P) below 2^31: indices are int32 until they scale a row width (then int64);
+# - a program owns the batch rows of its tile (axis 0) and the columns n0, n0 + num_programs(1) *
+#   BLOCK_N, ... of each phase (axis 1). The persistent path launches one program per batch tile
+#   (num_programs(1) == 1) over all time steps; each phase then reads what the same program wrote in
+#   the phase before, ordered by tl.debug_barrier. The per-step path launches each phase of each
+#   step on its own, one program per (batch tile, column tile), and stream order does the rest.
+#   Nothing ever synchronises programs within one launch (no grid barrier), so the interpreter, which
+#   runs programs one after another, runs the same code as the GPU.
+# - accumulation in float32; the operands of every tl.dot are first rounded to the weights' dtype, as
+#   torch.nn rounds its states.
+# - Triton's interpreter gets bfloat16 wrong (its tl.dot multiplies the bit patterns as integers, its
+#   float32 -> bfloat16 cast truncates): under INTERPRETED the kernels round by hand and dot in float32
+#   on the same rounded values, so the interpreter computes what the GPU computes.
+import triton
+import triton.language as tl
+
+# Whether @triton.jit below builds interpreted functions: it reads the same knob when it decorates.
+INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
+
+# ------------------------------------------------------------------------------------- gate math
+# The formulas of rnnkernels/reference.py and csrc/cell_math.h, once per cell, in float32.
+
+
+@triton.jit
+def _sigmoid(x):
+    # exp of a non-positive argument only: no overflow for any x; NaN stays NaN.
+    e = tl.exp(-tl.abs(x))
+    s = 1.0 / (1.0 + e)
+    return tl.where(x >= 0, s, e * s)
+
+
+@triton.jit
+def _tanh(x):
+    e = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, y, -y)
+
+
+@triton.jit
+def _lstm_forward(pre_i, pre_f, pre_g, pre_o, c_prev):
+    i = _sigmoid(pre_i)
+    f = _sigmoid(pre_f)
+    g = _tanh(pre_g)
+    o = _sigmoid(pre_o)
+    c = f * c_prev + i * g
+    return i, f, g, o, c, o * _tanh(c)
+
+
+@triton.jit
+def _lstm_backward(dh, dc_next, i, f, g, o, c, c_prev):
+    tanh_c = _tanh(c)
+    dc = dc_next + dh * o * (1.0 - tanh_c * tanh_c)
+    d_i = dc * g * i * (1.0 - i)
+    d_f = dc * c_prev * f * (1.0 - f)
+    d_g = dc * i * (1.0 - g * g)
+    d_o = dh * tanh_c * o * (1.0 - o)
+    return d_i, d_f, d_g, d_o, dc * f
+
+
+@triton.jit
+def _gru_forward(pre_r, pre_z, x_n, hn, h_prev):
+    # hn = W_hn h + b_hn, the recurrent part of the candidate, which the reset gate scales.
+    r = _sigmoid(pre_r)
+    z = _sigmoid(pre_z)
+    n = _tanh(x_n + r * hn)
+    return r, z, n, (1.0 - z) * n + z * h_prev
+
+
+@triton.jit
+def _gru_backward(dh, r, z, n, hn, h_prev):
+    # Returns the gradients of pre_r, pre_z, x_n and hn, and the share of dL/dh_prev that bypasses W_hh.
+    d_xn = dh * (1.0 - z) * (1.0 - n * n)
+    d_r = d_xn * hn * r * (1.0 - r)
+    d_z = dh * (h_prev - n) * z * (1.0 - z)
+    return d_r, d_z, d_xn, d_xn * r, dh * z
+
+
+@triton.jit
+def _rnn_forward(pre, RELU: tl.constexpr):
+    if RELU:
+        return tl.where((pre > 0) | (pre != pre), pre, 0.0)  # NaN stays NaN, as in torch.relu
+    else:
+        return _tanh(pre)
+
+
+@triton.jit
+def _rnn_backward(dh, h, RELU: tl.constexpr):
+    if RELU:
+        return tl.where(h <= 0, 0.0, dh)  # as torch: NaN passes the gradient
+    else:
+        return dh * (1.0 - h * h)
+
+
+# ------------------------------------------------------------------------------------ matmul tiles
+@triton.jit
+def _round(x, dtype: tl.constexpr):
+    """float32 x in dtype, rounded to nearest even."""
+    if INTERPRETED and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def _dot_operand(x):
+    if INTERPRETED:
+        return x.to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def _weights(ptr, mask):
+    return _dot_operand(tl.load(ptr, mask=mask, other=0.0))
+
+
+@triton.jit
+def _matmul_tiles(a_rows, a2_rows, row_mask, K, w_ptr, cols, col_mask, stride_n, stride_k, gate_stride,
+                  GATES: tl.constexpr, A2: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A W for up to four gates: (BLOCK_B, BLOCK_N) float32 tiles acc_q[b, n] = sum_k a[b, k] w_q[k, n]
+    with a[b, k] = a_rows[b][k] (+ a2_rows[b][k] if A2) and w_q[k, n] = w_ptr[q * gate_stride + cols[n] *
+    stride_n + k * stride_k]; tiles past GATES stay zero."""
+    acc0 = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
+    acc1 = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
+    acc2 = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
+    acc3 = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
+    w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_n
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        a_mask = row_mask[:, None] & k_mask[None, :]
+        a = tl.load(a_rows[:, None] + ks[None, :], mask=a_mask, other=0.0).to(tl.float32)
+        if A2:
+            a += tl.load(a2_rows[:, None] + ks[None, :], mask=a_mask, other=0.0).to(tl.float32)
+        a = _dot_operand(_round(a, w_ptr.dtype.element_ty))
+        w = w_cols + ks.to(tl.int64)[:, None] * stride_k
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        acc0 = tl.dot(a, _weights(w, w_mask), acc0, input_precision=PRECISION)
+        if GATES > 1:
+            acc1 = tl.dot(a, _weights(w + gate_stride, w_mask), acc1, input_precision=PRECISION)
+            acc2 = tl.dot(a, _weights(w + 2 * gate_stride, w_mask), acc2, input_precision=PRECISION)
+        if GATES > 3:
+            acc3 = tl.dot(a, _weights(w + 3 * gate_stride, w_mask), acc3, input_precision=PRECISION)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _load(rows_ptr, cols, mask):
+    """A (BLOCK_B, BLOCK_N) tile at rows_ptr[b] + cols[n], as float32."""
+    return tl.load(rows_ptr[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store(rows_ptr, cols, mask, value):
+    tl.store(rows_ptr[:, None] + cols[None, :], _round(value, rows_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------ forward
+@triton.jit(do_not_specialize=["step_begin", "step_end"])
+def forward_kernel(
+    gx_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, lengths_ptr,
+    h_ptr, c_ptr, m_ptr,  # float32: h (2, B, P), c (2, B, H) for LSTM, m = o * tanh(c) (B, H) if PROJECTED
+    out_ptr, ws_ptr,  # output (T, B, P); workspace (T, B, 5H) LSTM i, f, g, o, c; GRU r, z, n, hn
+    T, B, H, P, reverse, step_begin, step_end,
+    CELL: tl.constexpr, GATES: tl.constexpr, HAS_BIAS: tl.constexpr, PROJECTED: tl.constexpr,
+    KEEP_WORKSPACE: tl.constexpr, GATE_PHASE: tl.constexpr, PROJECTION_PHASE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Steps [step_begin, step_end) of the sweep. Phases of a step: the gates (columns: hidden units),
+    then for a projected LSTM h = m W_hr^T (columns: P)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    length = tl.load(lengths_ptr + rows, mask=row_mask, other=0)
+    first_col = tl.program_id(1) * BLOCK_N
+    col_step = tl.num_programs(1) * BLOCK_N
+    W = 5 * H if CELL == "lstm" else 4 * H
+    for s in range(step_begin, step_end):
+        t = s + reverse * (T - 1 - 2 * s)
+        cur = s % 2
+        active = row_mask & (t < length)
+        seq_rows = (t * B + rows).to(tl.int64)  # rows of the (T * B, width) buffers
+        h_cur = h_ptr + (cur * B + rows).to(tl.int64) * P
+        h_next = h_ptr + ((1 - cur) * B + rows).to(tl.int64) * P
+        out_rows = out_ptr + seq_rows * P
+        if GATE_PHASE:
+            c_cur = c_ptr + (cur * B + rows).to(tl.int64) * H
+            c_next = c_ptr + ((1 - cur) * B + rows).to(tl.int64) * H
+            gx_rows = gx_ptr + seq_rows * (GATES * H)
+            ws_rows = ws_ptr + seq_rows * W
+            for n0 in range(first_col, H, col_step):
+                units = n0 + tl.arange(0, BLOCK_N)
+                unit_mask = units < H
+                mask = row_mask[:, None] & unit_mask[None, :]
+                keep = active[:, None] & unit_mask[None, :]
+                r0, r1, r2, r3 = _matmul_tiles(h_cur, h_cur, row_mask, P, w_hh_ptr, units, unit_mask, P, 1, H * P,
+                                               GATES, False, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+                if HAS_BIAS:
+                    r0 += tl.load(b_hh_ptr + units, mask=unit_mask, other=0.0).to(tl.float32)[None, :]
+                    if GATES > 1:
+                        r1 += tl.load(b_hh_ptr + H + units, mask=unit_mask, other=0.0).to(tl.float32)[None, :]
+                        r2 += tl.load(b_hh_ptr + 2 * H + units, mask=unit_mask, other=0.0).to(tl.float32)[None, :]
+                    if GATES > 3:
+                        r3 += tl.load(b_hh_ptr + 3 * H + units, mask=unit_mask, other=0.0).to(tl.float32)[None, :]
+                if CELL == "lstm":
+                    c_prev = _load(c_cur, units, mask)
+                    i, f, g, o, c, h = _lstm_forward(
+                        _load(gx_rows, units, mask) + r0, _load(gx_rows, H + units, mask) + r1,
+                        _load(gx_rows, 2 * H + units, mask) + r2, _load(gx_rows, 3 * H + units, mask) + r3, c_prev)
+                    _store(c_next, units, mask, tl.where(keep, c, c_prev))
+                    if KEEP_WORKSPACE:
+                        _store(ws_rows, units, mask, tl.where(keep, i, 0.0))
+                        _store(ws_rows, H + units, mask, tl.where(keep, f, 0.0))
+                        _store(ws_rows, 2 * H + units, mask, tl.where(keep, g, 0.0))
+                        _store(ws_rows, 3 * H + units, mask, tl.where(keep, o, 0.0))
+                        _store(ws_rows, 4 * H + units, mask, tl.where(keep, c, 0.0))
+                elif CELL == "gru":
+                    h_prev = _load(h_cur, units, mask)
+                    r, z, n, h = _gru_forward(_load(gx_rows, units, mask) + r0, _load(gx_rows, H + units, mask) + r1,
+                                              _load(gx_rows, 2 * H + units, mask), r2, h_prev)
+                    if KEEP_WORKSPACE:
+                        _store(ws_rows, units, mask, tl.where(keep, r, 0.0))
+                        _store(ws_rows, H + units, mask, tl.where(keep, z, 0.0))
+                        _store(ws_rows, 2 * H + units, mask, tl.where(keep, n, 0.0))
+                        _store(ws_rows, 3 * H + units, mask, tl.where(keep, r2, 0.0))
+                else:
+                    h = _rnn_forward(_load(gx_rows, units, mask) + r0, CELL == "rnn_relu")
+                if PROJECTED:
+                    _store(m_ptr + rows.to(tl.int64) * H, units, mask, h)
+                else:
+                    _store(h_next, units, mask, tl.where(keep, h, _load(h_cur, units, mask)))
+                    _store(out_rows, units, mask, tl.where(keep, h, 0.0))
+            tl.debug_barrier()
+        if PROJECTION_PHASE:
+            m_rows = m_ptr + rows.to(tl.int64) * H
+            for n0 in range(first_col, P, col_step):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                col_mask = cols < P
+                mask = row_mask[:, None] & col_mask[None, :]
+                keep = active[:, None] & col_mask[None, :]
+                h, _, _, _ = _matmul_tiles(m_rows, m_rows, row_mask, H, w_hr_ptr, cols, col_mask, H, 1, 0,
+                                           1, False, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+                _store(h_next, cols, mask, tl.where(keep, h, _load(h_cur, cols, mask)))
+                _store(out_rows, cols, mask, tl.where(keep, h, 0.0))
+            tl.debug_barrier()
+
+
+# ----------------------------------------------------------------------------------------- backward
+@triton.jit(do_not_specialize=["step_begin", "step_end"])
+def backward_kernel(
+    grad_out_ptr, h0_ptr, c0_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr, out_ptr, ws_ptr,
+    dh_ptr, dc_ptr,  # float32: dL/dh (2, B, P), dL/dc (2, B, H) for LSTM
+    grad_gx_ptr, grad_gh_ptr, g_all_ptr,  # (T, B, G*H) each (grad_gh differs from grad_gx for GRU only);
+                                          # (T, B, P) the gradient of each step's h if PROJECTED
+    T, B, H, P, reverse, step_begin, step_end,
+    CELL: tl.constexpr, GATES: tl.constexpr, PROJECTED: tl.constexpr,
+    GATE_PHASE: tl.constexpr, STATE_PHASE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Steps [step_begin, step_end) of the reverse sweep (step 0 undoes the forward's last step). Phases
+    of a step: the gate derivatives (columns: hidden units), then dL/dh_prev = d gates W_hh (columns: P)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    length = tl.load(lengths_ptr + rows, mask=row_mask, other=0)
+    first_t = tl.where(reverse != 0, length - 1, 0)  # each sequence's first step, whose state is h0, c0
+    first_col = tl.program_id(1) * BLOCK_N
+    col_step = tl.num_programs(1) * BLOCK_N
+    W = 5 * H if CELL == "lstm" else 4 * H
+    GH = GATES * H
+    for s in range(step_begin, step_end):
+        t = T - 1 - s + reverse * (2 * s - T + 1)
+        t_prev = tl.minimum(tl.maximum(t - 1 + 2 * reverse, 0), T - 1)
+        cur = s % 2
+        active = row_mask & (t < length)
+        first = t == first_t
+        seq_rows = (t * B + rows).to(tl.int64)
+        prev_rows = (t_prev * B + rows).to(tl.int64)
+        dh_cur = dh_ptr + (cur * B + rows).to(tl.int64) * P
+        dh_next = dh_ptr + ((1 - cur) * B + rows).to(tl.int64) * P
+        go_rows = grad_out_ptr + seq_rows * P
+        gh_rows = grad_gh_ptr + seq_rows * GH
+        if GATE_PHASE:
+            dc_cur = dc_ptr + (cur * B + rows).to(tl.int64) * H
+            dc_next = dc_ptr + ((1 - cur) * B + rows).to(tl.int64) * H
+            ws_rows = ws_ptr + seq_rows * W
+            gx_rows = grad_gx_ptr + seq_rows * GH
+            for n0 in range(first_col, H, col_step):
+                units = n0 + tl.arange(0, BLOCK_N)
+                unit_mask = units < H
+                mask = row_mask[:, None] & unit_mask[None, :]
+                keep = active[:, None] & unit_mask[None, :]
+                from_state = keep & first[:, None]
+                from_sweep = keep & ~first[:, None]
+                if PROJECTED:  # dL/dm = (dL/dh) W_hr
+                    g, _, _, _ = _matmul_tiles(dh_cur, go_rows, row_mask, P, w_hr_ptr, units, unit_mask, 1, H, 0,
+                                               1, True, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+                else:
+                    g = _load(dh_cur, units, mask) + _load(go_rows, units, mask)
+                if CELL == "lstm":
+                    c_prev = tl.where(first[:, None], _load(c0_ptr + rows.to(tl.int64) * H, units, from_state),
+                                      _load(ws_ptr + prev_rows * W, 4 * H + units, from_sweep))
+                    dc_after = _load(dc_cur, units, mask)
+                    d_i, d_f, d_g, d_o, dc = _lstm_backward(
+                        g, dc_after, _load(ws_rows, units, mask), _load(ws_rows, H + units, mask),
+                        _load(ws_rows, 2 * H + units, mask), _load(ws_rows, 3 * H + units, mask),
+                        _load(ws_rows, 4 * H + units, mask), c_prev)
+                    _store(gx_rows, units, mask, tl.where(keep, d_i, 0.0))
+                    _store(gx_rows, H + units, mask, tl.where(keep, d_f, 0.0))
+                    _store(gx_rows, 2 * H + units, mask, tl.where(keep, d_g, 0.0))
+                    _store(gx_rows, 3 * H + units, mask, tl.where(keep, d_o, 0.0))
+                    _store(dc_next, units, mask, tl.where(keep, dc, dc_after))
+                elif CELL == "gru":
+                    h_prev = tl.where(first[:, None], _load(h0_ptr + rows.to(tl.int64) * P, units, from_state),
+                                      _load(out_ptr + prev_rows * P, units, from_sweep))
+                    d_r, d_z, d_xn, d_hn, _ = _gru_backward(
+                        g, _load(ws_rows, units, mask), _load(ws_rows, H + units, mask),
+                        _load(ws_rows, 2 * H + units, mask), _load(ws_rows, 3 * H + units, mask), h_prev)
+                    _store(gx_rows, units, mask, tl.where(keep, d_r, 0.0))
+                    _store(gx_rows, H + units, mask, tl.where(keep, d_z, 0.0))
+                    _store(gx_rows, 2 * H + units, mask, tl.where(keep, d_xn, 0.0))
+                    _store(gh_rows, units, mask, tl.where(keep, d_r, 0.0))
+                    _store(gh_rows, H + units, mask, tl.where(keep, d_z, 0.0))
+                    _store(gh_rows, 2 * H + units, mask, tl.where(keep, d_hn, 0.0))
+                else:
+                    d = _rnn_backward(g, _load(out_ptr + seq_rows * P, units, mask), CELL == "rnn_relu")
+                    _store(gx_rows, units, mask, tl.where(keep, d, 0.0))
+            tl.debug_barrier()
+        if STATE_PHASE:
+            for n0 in range(first_col, P, col_step):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                col_mask = cols < P
+                mask = row_mask[:, None] & col_mask[None, :]
+                keep = active[:, None] & col_mask[None, :]
+                dh, _, _, _ = _matmul_tiles(gh_rows, gh_rows, row_mask, GH, w_hh_ptr, cols, col_mask, 1, P, 0,
+                                            1, False, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+                dh_after = _load(dh_cur, cols, mask)
+                if CELL == "gru":  # the share of dL/dh_prev through h = (1 - z) n + z h_prev
+                    dh += (dh_after + _load(go_rows, cols, mask)) * _load(ws_ptr + seq_rows * W, H + cols, mask)
+                if PROJECTED:
+                    _store(g_all_ptr + seq_rows * P, cols, mask,
+                           tl.where(keep, dh_after + _load(go_rows, cols, mask), 0.0))
+                _store(dh_next, cols, mask, tl.where(keep, dh, dh_after))
+            tl.debug_barrier()

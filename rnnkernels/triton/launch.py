@@ -1,0 +1,224 @@
+"""The host side of the Triton backend for one layer and direction: the checks of what kernels.py
+assumes, the choice between the persistent and the per-step path, the buffers, the launches, and the
+whole-sequence weight gradients.
+
+forward() and backward() take and return what the compiled operators rnnkernels::{cell}_forward and
+{cell}_backward do (csrc/ops.cpp) and are plain functions: the interpreter tests call them on CPU
+tensors, and rnnkernels/triton/ops.py registers them as torch.library operators.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+from torch import Tensor
+
+from ..ops import workspace_width
+from ..reference import GATES
+from . import kernels
+
+# TRITON_INTERPRET=1 when kernels.py was imported makes @triton.jit build interpreted functions, which
+# run on CPU tensors (and which torch.library.wrap_triton cannot wrap on every torch).
+INTERPRETED = bool(kernels.INTERPRETED.value)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# The path, chosen here and nowhere else. "persistent": one launch per sequence, one program per tile
+# of 16 batch rows looping over all time steps and all hidden units, W_hh streamed from L2 at every
+# step. Its step time grows with the weight while the grid stays B/16 programs, so past
+# PERSISTENT_MAX_WEIGHT elements of W_hh (an LSTM of 362 units, a GRU of 418) the "per_step" path
+# wins: per time step one launch per phase, one program per (batch tile, tile of units).
+# RNNKERNELS_TRITON_PATH=persistent|per_step forces one.
+PATH_ENV = "RNNKERNELS_TRITON_PATH"
+PATHS = ("persistent", "per_step")
+PERSISTENT_MAX_WEIGHT = 1 << 19
+
+
+def choose_path(weight_elements: int) -> str:
+    forced = os.environ.get(PATH_ENV, "") or "auto"
+    if forced == "auto":
+        return "persistent" if weight_elements <= PERSISTENT_MAX_WEIGHT else "per_step"
+    if forced not in PATHS:
+        raise ValueError(f"rnnkernels: {PATH_ENV} must be one of auto, {', '.join(PATHS)}; got {forced!r}")
+    return forced
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise RuntimeError(f"rnnkernels (triton): {message}")
+
+
+def _check(cell: str, gx_shape, like: Tensor, h0, c0, w_hh, b_hh, w_hr, lengths) -> tuple[int, int, int, int]:
+    """csrc/recurrence_args.h's checks plus what the kernels assume; returns (T, B, H, P)."""
+    G = GATES[cell]
+    _require(len(gx_shape) == 3, f"the input projection must be 3-D (T, B, gates*H), got {len(gx_shape)}-D")
+    T, B = gx_shape[0], gx_shape[1]
+    _require(w_hh.dim() == 2 and w_hh.shape[0] % G == 0 and w_hh.shape[0] == gx_shape[2],
+             f"w_hh must be [{G}*hidden_size, P] matching the input projection's last dimension {gx_shape[2]}, "
+             f"got {list(w_hh.shape)}")
+    H, P = w_hh.shape[0] // G, w_hh.shape[1]
+    _require(h0.shape == (B, P), f"h0 must have shape [{B}, {P}], got {list(h0.shape)}")
+    if w_hr is not None:
+        _require(cell == "lstm", "w_hr (proj_size) belongs to the LSTM only")
+        _require(w_hr.shape == (P, H), f"w_hr must have shape [{P}, {H}], got {list(w_hr.shape)}")
+    else:
+        _require(P == H, f"w_hh must be [{G}*H, H] without a projection, got {list(w_hh.shape)}")
+    if cell == "lstm":
+        _require(c0 is not None and c0.shape == (B, H), f"the LSTM needs c0 of shape [{B}, {H}]")
+    if b_hh is not None:
+        _require(b_hh.shape == (G * H,), f"b_hh must have shape [{G * H}], got {list(b_hh.shape)}")
+    _require(like.dtype in DTYPES, f"runs {', '.join(map(str, DTYPES))}, got {like.dtype}")
+    _require(like.device.type == "cuda" or (INTERPRETED and like.device.type == "cpu"),
+             f"runs CUDA tensors (CPU tensors only in Triton's interpreter, TRITON_INTERPRET=1), got {like.device}")
+    for t in (h0, c0, w_hh, b_hh, w_hr):
+        _require(t is None or (t.dtype == like.dtype and t.device == like.device),
+                 f"all tensors must share the input's dtype and device ({like.dtype}, {like.device})")
+    # The kernels index time x batch rows and one gate's weight in int32.
+    _require(T * B < 2**31 and G * H * max(H, P) < 2**31, "sizes out of range")
+    if lengths is not None:
+        _require(lengths.shape == (B,) and lengths.dtype == torch.int64 and lengths.device.type == "cpu",
+                 f"lengths must be a CPU int64 tensor of shape [{B}], got {lengths.dtype} "
+                 f"{list(lengths.shape)} on {lengths.device}")
+        # Values are checked on real tensors only: under torch.compile's tracing they are unknown.
+        if type(lengths) is Tensor and B > 0:
+            _require(0 <= int(lengths.min()) and int(lengths.max()) <= T, f"lengths must lie in [0, {T}]")
+    return T, B, H, P
+
+
+def _lengths_on(device: torch.device, lengths: Tensor | None, T: int, B: int) -> Tensor:
+    if lengths is None:
+        return torch.full((B,), T, dtype=torch.int32, device=device)
+    return lengths.to(device=device, dtype=torch.int32)
+
+
+def _meta(dtype: torch.dtype, H: int, P: int) -> dict:
+    """Tile sizes (kernels.py's assumption: powers of two >= 16), warps and the precision of float32 dots."""
+    widest = max(H, P)
+    # float32 dots as torch.nn's recurrence computes them on cuDNN: in TF32 where cuDNN may use it.
+    tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    return dict(
+        PRECISION="tf32" if tf32 else "ieee",
+        # With 4 warps the LSTM's four gate tiles and their pointers spill registers on sm_90 (ptxas -v,
+        # tests/triton_compile.py); 8 warps hold them.
+        num_warps=8,
+        BLOCK_B=16,
+        BLOCK_N=min(64, max(16, triton.next_power_of_2(widest))),
+        BLOCK_K=16 if widest <= 16 else 32,
+    )
+
+
+def _launch(kernel, grid, *args, **meta) -> None:
+    # wrap_triton lets torch.compile trace the launch; eager calls inside a triton_op skip it.
+    (kernel if INTERPRETED else torch.library.wrap_triton(kernel))[grid](*args, **meta)
+
+
+def _states(first: Tensor) -> Tensor:
+    """The float32 (2, B, width) buffer the sweep carries a state in, starting from `first`."""
+    buffer = torch.empty((2, *first.shape), dtype=torch.float32, device=first.device)
+    buffer[0].copy_(first)
+    return buffer
+
+
+def forward(cell: str, gx: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tensor, b_hh: Tensor | None,
+            w_hr: Tensor | None, lengths: Tensor | None, reverse: bool, keep_workspace: bool = True):
+    """(output, h_n, c_n, workspace) as rnnkernels::{cell}_forward."""
+    T, B, H, P = _check(cell, gx.shape, gx, h0, c0, w_hh, b_hh, w_hr, lengths)
+    G, lstm, projected = GATES[cell], cell == "lstm", w_hr is not None
+    gx, w_hh = gx.contiguous(), w_hh.contiguous()
+    h = _states(h0)
+    c = _states(c0) if lstm else h
+    m = torch.empty((B, H), dtype=torch.float32, device=gx.device) if projected else h
+    output = gx.new_empty((T, B, P))
+    workspace = gx.new_empty((T, B, workspace_width(cell, H) if keep_workspace else 0))
+    if T > 0 and B > 0:
+        meta = _meta(gx.dtype, H, P)
+        args = (gx, w_hh, w_hh if b_hh is None else b_hh.contiguous(), w_hh if w_hr is None else w_hr.contiguous(),
+                _lengths_on(gx.device, lengths, T, B), h, c, m, output, workspace if keep_workspace else output,
+                T, B, H, P, int(reverse))
+        meta.update(CELL=cell, GATES=G, HAS_BIAS=b_hh is not None, PROJECTED=projected,
+                    KEEP_WORKSPACE=keep_workspace)
+        batch_tiles = triton.cdiv(B, meta["BLOCK_B"])
+        if choose_path(G * H * P) == "persistent":
+            _launch(kernels.forward_kernel, (batch_tiles, 1), *args, 0, T,
+                    GATE_PHASE=True, PROJECTION_PHASE=projected, **meta)
+        else:
+            gate_grid = (batch_tiles, triton.cdiv(H, meta["BLOCK_N"]))
+            projection_grid = (batch_tiles, triton.cdiv(P, meta["BLOCK_N"]))
+            for s in range(T):
+                _launch(kernels.forward_kernel, gate_grid, *args, s, s + 1,
+                        GATE_PHASE=True, PROJECTION_PHASE=False, **meta)
+                if projected:
+                    _launch(kernels.forward_kernel, projection_grid, *args, s, s + 1,
+                            GATE_PHASE=False, PROJECTION_PHASE=True, **meta)
+    h_n = h[T % 2].to(gx.dtype, copy=True)
+    c_n = c[T % 2].to(gx.dtype, copy=True) if lstm else gx.new_empty(0)
+    return output, h_n, c_n, workspace
+
+
+def _previous_states(h0: Tensor, output: Tensor, lengths: Tensor, reverse: bool) -> Tensor:
+    """The state each (t, b) started from: h0 at the sequence's first step, else the step before's output.
+    (Rows past a sequence's end hold zeros; their gate gradients are zero.)"""
+    T = output.shape[0]
+    if not reverse:
+        return torch.cat([h0[None], output[:-1]])[:T]
+    after = torch.cat([output[1:], torch.zeros_like(output[:1])])
+    first = torch.arange(T, device=output.device)[:, None] == (lengths - 1)[None, :]
+    return torch.where(first[..., None], h0[None], after)
+
+
+def backward(cell: str, grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor | None, h0: Tensor,
+             c0: Tensor | None, w_hh: Tensor, w_hr: Tensor | None, lengths: Tensor | None, reverse: bool,
+             output: Tensor, workspace: Tensor):
+    """(grad_gx, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr) as rnnkernels::{cell}_backward."""
+    G, lstm, projected = GATES[cell], cell == "lstm", w_hr is not None
+    _require(output.dim() == 3, "output must be 3-D (T, B, P)")
+    T, B, H, P = _check(cell, (output.shape[0], output.shape[1], w_hh.shape[0]), output, h0, c0, w_hh, None,
+                        w_hr, lengths)
+    _require(output.shape[2] == P, f"output must be [T, B, {P}], got {list(output.shape)}")
+    _require(grad_output.shape == output.shape and grad_h_n.shape == h0.shape,
+             "gradient shapes must match the forward's outputs")
+    _require(workspace.shape == (T, B, workspace_width(cell, H)),
+             "workspace does not come from this forward, or the forward ran with keep_workspace=False")
+    _require(not lstm or grad_c_n is None or grad_c_n.shape == (B, H), f"grad_c_n must have shape [{B}, {H}]")
+    for t in (grad_output, grad_h_n, grad_c_n, workspace):
+        _require(t is None or (t.dtype == output.dtype and t.device == output.device),
+                 "gradients and workspace must share the output's dtype and device")
+    output, workspace, w_hh = output.contiguous(), workspace.contiguous(), w_hh.contiguous()
+    lengths_dev = _lengths_on(output.device, lengths, T, B)
+    dh = _states(grad_h_n)
+    dc = (_states(grad_c_n) if grad_c_n is not None else torch.zeros((2, B, H), dtype=torch.float32,
+                                                                         device=output.device)) if lstm else dh
+    grad_gx = output.new_empty((T, B, G * H))
+    grad_gh = output.new_empty((T, B, G * H)) if cell == "gru" else grad_gx
+    g_all = output.new_empty((T, B, P)) if projected else grad_gx
+    if T > 0 and B > 0:
+        meta = _meta(output.dtype, H, P)
+        args = (grad_output.contiguous(), h0.contiguous(), (c0 if lstm else h0).contiguous(), w_hh,
+                w_hh if w_hr is None else w_hr.contiguous(), lengths_dev, output, workspace if G > 1 else output,
+                dh, dc, grad_gx, grad_gh, g_all, T, B, H, P, int(reverse))
+        meta.update(CELL=cell, GATES=G, PROJECTED=projected)
+        batch_tiles = triton.cdiv(B, meta["BLOCK_B"])
+        if choose_path(G * H * P) == "persistent":
+            _launch(kernels.backward_kernel, (batch_tiles, 1), *args, 0, T, GATE_PHASE=True, STATE_PHASE=True,
+                    **meta)
+        else:
+            gate_grid = (batch_tiles, triton.cdiv(H, meta["BLOCK_N"]))
+            state_grid = (batch_tiles, triton.cdiv(P, meta["BLOCK_N"]))
+            for s in range(T):
+                _launch(kernels.backward_kernel, gate_grid, *args, s, s + 1, GATE_PHASE=True, STATE_PHASE=False,
+                        **meta)
+                _launch(kernels.backward_kernel, state_grid, *args, s, s + 1, GATE_PHASE=False, STATE_PHASE=True,
+                        **meta)
+    grad_h0 = dh[T % 2].to(output.dtype, copy=True)
+    grad_c0 = dc[T % 2].to(output.dtype, copy=True) if lstm else output.new_empty(0)
+    # The weight gradients: sums over all time steps and sequences, one GEMM each.
+    rows = grad_gh.reshape(T * B, G * H)
+    grad_w_hh = rows.t() @ _previous_states(h0, output, lengths_dev, reverse).reshape(T * B, P)
+    grad_b_hh = rows.sum(0)
+    if projected:  # dL/dW_hr = sum over steps of (dL/dh)^T m, m = o * tanh(c) from the workspace
+        m = (workspace[..., 3 * H:4 * H].float() * workspace[..., 4 * H:].float().tanh()).to(output.dtype)
+        grad_w_hr = g_all.reshape(T * B, P).t() @ m.reshape(T * B, H)
+    else:
+        grad_w_hr = output.new_empty(0)
+    return grad_gx, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr

@@ -1,0 +1,56 @@
+"""The Triton backend's operators, rnnkernels::triton_{cell}_forward and rnnkernels::triton_{cell}_backward:
+launch.forward and launch.backward behind the schemas, fake implementations and autograd of the compiled
+operators (rnnkernels/ops.py), so that layers run and torch.compile traces them the same way.
+
+On the GPU they are torch.library.triton_op operators, whose kernels (launched through wrap_triton)
+torch.compile sees. In Triton's interpreter they are plain custom operators: torch.compile cannot trace
+into an interpreted kernel, and treats an opaque operator with a fake implementation as it treats the
+compiled ones. Both call the same launchers.
+"""
+
+# No `from __future__ import annotations`: the operators' schemas are inferred from these annotations.
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..reference import GATES
+from . import launch
+
+PREFIX = "triton_"
+_define = torch.library.custom_op if launch.INTERPRETED else torch.library.triton_op
+
+
+def _on_device(t: Tensor):
+    # Triton launches on the current CUDA device.
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _define_ops(cell: str) -> None:
+    @_define(f"rnnkernels::{PREFIX}{cell}_forward", mutates_args=())
+    def forward(gx: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor, b_hh: Optional[Tensor],
+                w_hr: Optional[Tensor], lengths: Optional[Tensor], reverse: bool,
+                keep_workspace: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        with _on_device(gx):
+            return launch.forward(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, keep_workspace)
+
+    @_define(f"rnnkernels::{PREFIX}{cell}_backward", mutates_args=())
+    def backward(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Optional[Tensor], h0: Tensor,
+                 c0: Optional[Tensor], w_hh: Tensor, w_hr: Optional[Tensor], lengths: Optional[Tensor],
+                 reverse: bool, output: Tensor,
+                 workspace: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        with _on_device(output):
+            return launch.backward(cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, reverse,
+                                   output, workspace)
+
+
+for _cell in GATES:
+    _define_ops(_cell)
+ops.register_recurrence_ops(PREFIX)
+
+
+def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse):
+    """One layer and direction through the Triton operators; same contract as reference.recurrence."""
+    return ops.recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, prefix=PREFIX)

@@ -1,0 +1,87 @@
+"""Compiles every variant of the Triton kernels for an NVIDIA GPU without one: Triton's front end, its
+MLIR passes and ptxas, all of which the interpreter skips. Prints registers and spills per variant.
+
+    python tests/triton_compile.py [arch ...]      e.g. 90 (H100, the default), 80 (A100)
+
+Needs TRITON_INTERPRET unset (interpreted kernels cannot be compiled); tests/test_triton.py runs it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from rnnkernels.triton import kernels, launch  # noqa: E402
+
+POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+STATE_BUFFERS = {"h_ptr", "c_ptr", "m_ptr", "dh_ptr", "dc_ptr"}  # float32 whatever the dtype
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+# (cell, projected, forward phases (gates, projection)) as launch.py launches them
+VARIANTS = [("lstm", False, [(True, False)]), ("lstm", True, [(True, True), (True, False), (False, True)]),
+            ("gru", False, [(True, False)]), ("rnn_tanh", False, [(True, False)]), ("rnn_relu", False, [(True, False)])]
+
+
+def signature(fn, dtype: torch.dtype, constants: dict) -> dict:
+    def kind(name):
+        if name in constants:
+            return "constexpr"
+        if name == "lengths_ptr":
+            return "*i32"
+        if name.endswith("_ptr"):
+            return "*fp32" if name in STATE_BUFFERS else POINTER[dtype]
+        return "i32"
+
+    return {name: kind(name) for name in fn.arg_names}
+
+
+def ptxas_report(ptx: str, arch: int) -> str:
+    if not os.path.exists(PTXAS):
+        return "ptxas not shipped with this triton"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    out = subprocess.run([PTXAS, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull], capture_output=True,
+                         text=True).stderr
+    os.unlink(f.name)
+    registers = re.search(r"Used (\d+) registers", out)
+    spills = re.search(r"(\d+) bytes spill stores", out)
+    return f"registers {registers and registers.group(1)}, spill stores {spills and spills.group(1)} bytes"
+
+
+def compile_all(arch: int) -> None:
+    target = GPUTarget("cuda", arch, 32)
+    for dtype in launch.DTYPES:
+        for cell, projected, phases in VARIANTS:
+            meta = launch._meta(dtype, 256, 256)
+            options = {"num_warps": meta.pop("num_warps")}
+            base = dict(meta, CELL=cell, GATES=launch.GATES[cell], PROJECTED=projected)
+            kernels_to_build = [
+                (kernels.forward_kernel, dict(base, HAS_BIAS=True, KEEP_WORKSPACE=True, GATE_PHASE=gates,
+                                              PROJECTION_PHASE=projection))
+                for gates, projection in phases
+            ]
+            kernels_to_build += [(kernels.backward_kernel, dict(base, GATE_PHASE=gate, STATE_PHASE=state))
+                                 for gate, state in ((True, True), (True, False), (False, True))]
+            for fn, constants in kernels_to_build:
+                compiled = triton.compile(ASTSource(fn, signature(fn, dtype, constants), constants),
+                                          target=target, options=options)
+                phases_text = ",".join(k for k, v in constants.items() if k.endswith("PHASE") and v)
+                print(f"sm_{arch} {fn.__name__} {cell}{' w_hr' if projected else ''} {dtype} {phases_text}: "
+                      f"{ptxas_report(compiled.asm['ptx'], arch)}")
+
+
+if __name__ == "__main__":
+    if launch.INTERPRETED:
+        sys.exit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    for arch in [int(a) for a in sys.argv[1:]] or [90]:
+        compile_all(arch)
