@@ -1,0 +1,365 @@
+// Persistent CUDA path: one cooperative kernel runs a whole sequence, one grid-wide barrier per time step.
+//
+// Each block owns a slice of `units` hidden units for all time steps. Forward: the block keeps the W_hh
+// rows of every gate of its units in shared memory; per step it reads all of h_{t-1} (B x H, from L2),
+// computes its gates' pre-activations in float, applies the cell math (cell_math.h through unit_forward),
+// writes its units of output[t], the workspace and h_t, and meets the grid at the barrier. Its units'
+// h and c stay in registers. Backward: the block keeps the W_hh COLUMNS of its units; per step it first
+// finishes the gate gradients of its units (dc stays in registers), then after the barrier computes its
+// own units of dh_{t-1} = d gates_t W_hh from the whole d gates_t row, so no reduction crosses blocks.
+//
+// Assumes (plan_persistent checks, recurrence.cu prepares): float32, float16 or bfloat16; no projection;
+// H a multiple of kVec (rows of 16 bytes); every tensor contiguous; buffers the kernels read with 16-byte
+// loads (hbuf, grad_gh) allocated here, so 16-byte aligned; B * units <= kItems * kThreads; the grid
+// co-resident (the occupancy API sizes it, the cooperative launch verifies it).
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <cooperative_groups.h>
+
+#include "kernels.cuh"
+
+namespace rnnkernels::cuda {
+namespace {
+
+namespace cg = cooperative_groups;
+
+constexpr int kThreads = 512;
+constexpr int kItems = 4;        // (b, unit) pairs per thread in the pointwise phases
+constexpr int kRowsPerItem = 8;  // matrix rows one warp reduces per pass over a vector
+
+// out[b * R + r] = sum_k vec[b * K + k] * mat[r * K + k] for b < B, r < R, summed in float. vec is global
+// memory that other blocks write during the kernel (read through L2); mat is in shared memory. K is a
+// multiple of kVec. One warp per item (b, s): lanes split k in 16-byte vectors and the warp reduces the
+// rows s, s + S, s + 2S, ... together, so each item reads vec[b] once. S grows until every warp has work.
+template <typename scalar_t>
+__device__ void block_matvec(const scalar_t* vec, const scalar_t* mat, int B, int R, int K, float* out) {
+  constexpr int V = kVec<scalar_t>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = kThreads / 32;
+  const int S = max((R + kRowsPerItem - 1) / kRowsPerItem, min(R, warps / B));
+  const int chunks = K / V;
+  for (int item = warp; item < B * S; item += warps) {
+    const int b = item / S, s = item % S;
+    const scalar_t* v = vec + static_cast<int64_t>(b) * K;
+    float acc[kRowsPerItem] = {};
+#pragma unroll 2
+    for (int c = lane; c < chunks; c += 32) {
+      const Vec<scalar_t> x = load_l2(v + c * V);
+#pragma unroll
+      for (int i = 0; i < kRowsPerItem; ++i) {
+        const int r = s + i * S;
+        if (r < R) acc[i] = dot(x, load_shared(mat + static_cast<int64_t>(r) * K + c * V), acc[i]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kRowsPerItem; ++i) {
+      const int r = s + i * S;
+      if (r < R) {  // the same for the whole warp
+        const float total = warp_sum(acc[i]);
+        if (lane == 0) out[b * R + r] = total;
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+struct ForwardArgs {
+  Steps steps;
+  int B, H, units;
+  const scalar_t *gx, *h0, *c0, *w_hh, *b_hh;  // c0 (LSTM) and b_hh may be null
+  scalar_t *output, *h_n, *c_n, *workspace;   // c_n (LSTM) and workspace may be null
+  scalar_t* hbuf;  // (2, B, H): step s reads slot (s + 1) % 2 (slot 1 holds h0) and writes slot s % 2
+};
+
+template <typename scalar_t>
+struct BackwardArgs {
+  Steps steps;
+  int B, H, units;
+  const scalar_t *grad_output, *grad_h_n, *grad_c_n, *h0, *c0, *w_hh, *output, *workspace;  // grad_c_n may be null
+  scalar_t *grad_gx, *grad_gh, *grad_h0, *grad_c0;  // grad_gh == grad_gx but for the GRU
+};
+
+template <Cell cell, typename scalar_t>
+__global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<scalar_t> a) {
+  constexpr int G = static_cast<int>(gates_of(cell)), W = workspace_values(cell);
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int B = a.B, H = a.H, U = a.units, R = G * U;
+  const int u0 = blockIdx.x * U, mine = min(U, H - u0), n = B * mine;
+  // Shared row g * U + u holds W_hh row g * H + u0 + u (zeros past H), then the pre-activations (B x R).
+  scalar_t* w = reinterpret_cast<scalar_t*>(smem);
+  float* pre = reinterpret_cast<float*>(w + static_cast<int64_t>(R) * H);
+  for (int64_t e = threadIdx.x; e < static_cast<int64_t>(R) * H; e += kThreads) {
+    const int row = static_cast<int>(e / H), k = static_cast<int>(e % H), g = row / U, u = row % U;
+    w[e] = u < mine ? a.w_hh[static_cast<int64_t>(g * H + u0 + u) * H + k] : scalar_t(0);
+  }
+  // Item k of this thread: pair i = threadIdx.x + k * kThreads, batch row i / mine, unit u0 + i % mine.
+  float h[kItems], c[kItems], bias[kItems][4];
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    const int i = threadIdx.x + k * kThreads, b = i / max(mine, 1), j = u0 + i % max(mine, 1);
+    if (i >= n) continue;
+    h[k] = a.h0[b * H + j];
+    c[k] = cell == Cell::LSTM ? static_cast<float>(a.c0[b * H + j]) : 0.f;
+#pragma unroll
+    for (int g = 0; g < G; ++g) bias[k][g] = a.b_hh ? static_cast<float>(a.b_hh[g * H + j]) : 0.f;
+  }
+  __syncthreads();
+  cg::grid_group grid = cg::this_grid();
+  for (int64_t step = 0; step < a.steps.T; ++step) {
+    const int64_t t = a.steps.time(step);
+    float x[kItems][4];  // issued before the matrix-vector product, whose time hides their latency
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      const int i = threadIdx.x + k * kThreads, b = i / max(mine, 1), j = u0 + i % max(mine, 1);
+      if (i >= n) continue;
+#pragma unroll
+      for (int g = 0; g < G; ++g) x[k][g] = a.gx[(t * B + b) * G * H + g * H + j];
+    }
+    block_matvec(a.hbuf + ((step + 1) & 1) * B * H, w, B, R, H, pre);
+    __syncthreads();
+    scalar_t* h_next = a.hbuf + (step & 1) * B * H;
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      const int i = threadIdx.x + k * kThreads, b = i / max(mine, 1), u = i % max(mine, 1), j = u0 + u;
+      if (i >= n) continue;
+      const int64_t row = t * B + b;
+      if (a.steps.active(t, b)) {
+        float r[4], values[5];
+#pragma unroll
+        for (int g = 0; g < G; ++g) r[g] = pre[b * R + g * U + u] + bias[k][g];
+        unit_forward<cell>(x[k], r, h[k], c[k], values);
+        if (a.workspace) {
+#pragma unroll
+          for (int v = 0; v < W; ++v) a.workspace[row * W * H + v * H + j] = values[v];
+        }
+        a.output[row * H + j] = h[k];
+      } else {  // a finished (or not yet started) sequence keeps its state and outputs zeros
+        if (a.workspace) {
+#pragma unroll
+          for (int v = 0; v < W; ++v) a.workspace[row * W * H + v * H + j] = scalar_t(0);
+        }
+        a.output[row * H + j] = scalar_t(0);
+      }
+      h_next[b * H + j] = h[k];
+    }
+    if (step + 1 < a.steps.T) grid.sync();
+  }
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    const int i = threadIdx.x + k * kThreads, b = i / max(mine, 1), j = u0 + i % max(mine, 1);
+    if (i >= n) continue;
+    a.h_n[b * H + j] = h[k];
+    if (cell == Cell::LSTM) a.c_n[b * H + j] = c[k];
+  }
+}
+
+template <Cell cell, typename scalar_t>
+__global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArgs<scalar_t> a) {
+  constexpr int G = static_cast<int>(gates_of(cell)), W = workspace_values(cell);
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int B = a.B, H = a.H, U = a.units, K = G * H;
+  const int u0 = blockIdx.x * U, mine = min(U, H - u0), n = B * mine;
+  // Shared row u holds W_hh column u0 + u (zeros past H), then dh_{t-1} of the block's units (B x U).
+  scalar_t* w = reinterpret_cast<scalar_t*>(smem);
+  float* rec = reinterpret_cast<float*>(w + static_cast<int64_t>(U) * K);
+  for (int64_t e = threadIdx.x; e < static_cast<int64_t>(U) * K; e += kThreads) {
+    const int r = static_cast<int>(e / U), u = static_cast<int>(e % U);  // consecutive threads, consecutive columns
+    w[static_cast<int64_t>(u) * K + r] = u < mine ? a.w_hh[static_cast<int64_t>(r) * H + u0 + u] : scalar_t(0);
+  }
+  float dh[kItems], dc[kItems], direct[kItems];
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    const int i = threadIdx.x + k * kThreads, b = i / max(mine, 1), j = u0 + i % max(mine, 1);
+    if (i >= n) continue;
+    dh[k] = a.grad_h_n[b * H + j];
+    dc[k] = a.grad_c_n ? static_cast<float>(a.grad_c_n[b * H + j]) : 0.f;
+    direct[k] = 0.f;
+  }
+  __syncthreads();
+  cg::grid_group grid = cg::this_grid();
+  for (int64_t step = a.steps.T - 1; step >= 0; --step) {
+    const int64_t t = a.steps.time(step);
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      const int i = threadIdx.x + k * kThreads, b = i / max(mine, 1), j = u0 + i % max(mine, 1);
+      if (i >= n) continue;
+      const int64_t row = t * B + b;
+      if (a.steps.active(t, b)) {
+        const float g = dh[k] + static_cast<float>(a.grad_output[row * H + j]);
+        float values[5], dgx[4], dgh[4], prev = 0.f, h = 0.f;
+#pragma unroll
+        for (int v = 0; v < W; ++v) values[v] = a.workspace[row * W * H + v * H + j];
+        const bool first = a.steps.first(t, b);
+        const int64_t prev_row = a.steps.previous(t) * B + b;
+        if (cell == Cell::LSTM) prev = first ? a.c0[b * H + j] : a.workspace[prev_row * W * H + 4 * H + j];
+        if (cell == Cell::GRU) prev = first ? a.h0[b * H + j] : a.output[prev_row * H + j];
+        if (cell == Cell::RNN_TANH || cell == Cell::RNN_RELU) h = a.output[row * H + j];
+        unit_backward<cell>(g, dc[k], values, prev, h, dgx, dgh, direct[k]);
+#pragma unroll
+        for (int q = 0; q < G; ++q) {
+          a.grad_gx[row * K + q * H + j] = dgx[q];
+          if (cell == Cell::GRU) a.grad_gh[row * K + q * H + j] = dgh[q];
+        }
+      } else {
+#pragma unroll
+        for (int q = 0; q < G; ++q) {
+          a.grad_gx[row * K + q * H + j] = scalar_t(0);
+          if (cell == Cell::GRU) a.grad_gh[row * K + q * H + j] = scalar_t(0);
+        }
+      }
+    }
+    grid.sync();
+    block_matvec(a.grad_gh + t * B * K, w, B, U, K, rec);
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      const int i = threadIdx.x + k * kThreads, b = i / max(mine, 1), u = i % max(mine, 1);
+      if (i < n && a.steps.active(t, b)) dh[k] = rec[b * U + u] + direct[k];
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    const int i = threadIdx.x + k * kThreads, b = i / max(mine, 1), j = u0 + i % max(mine, 1);
+    if (i >= n) continue;
+    a.grad_h0[b * H + j] = dh[k];
+    if (cell == Cell::LSTM) a.grad_c0[b * H + j] = dc[k];
+  }
+}
+
+template <typename scalar_t>
+const scalar_t* maybe(const std::optional<Tensor>& t) {
+  return t.has_value() ? t->data_ptr<scalar_t>() : nullptr;
+}
+
+template <typename scalar_t>
+scalar_t* maybe(const Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.data_ptr<scalar_t>() : nullptr;
+}
+
+template <typename Args>
+void launch(const void* kernel, const PersistentPlan& plan, Args args) {
+  void* params[] = {&args};
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, plan.blocks, kThreads, params, plan.smem,
+                                             at::cuda::getCurrentCUDAStream()));
+}
+
+template <Cell cell, typename scalar_t>
+const void* kernel_of(bool backward) {
+  return backward ? reinterpret_cast<const void*>(backward_kernel<cell, scalar_t>)
+                  : reinterpret_cast<const void*>(forward_kernel<cell, scalar_t>);
+}
+
+template <Cell cell, typename scalar_t>
+PersistentPlan plan_for(bool backward, const RecurrenceDims& d, const at::Device& device) {
+  PersistentPlan plan;
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device.index());
+  if (!prop->cooperativeLaunch) {
+    plan.why_not = "the device does not support cooperative launches";
+    return plan;
+  }
+  if (d.H % kVec<scalar_t> != 0) {
+    plan.why_not = "hidden_size must be a multiple of " + std::to_string(kVec<scalar_t>) + " for this dtype";
+    return plan;
+  }
+  // As many blocks as multiprocessors, each with an even share of the units: the fewest units per block.
+  const int64_t units = (d.H + prop->multiProcessorCount - 1) / prop->multiProcessorCount;
+  const int64_t rows_per_unit = backward ? 1 : d.G, K = backward ? d.G * d.H : d.H;
+  const int64_t smem = units * rows_per_unit * (K * int64_t{sizeof(scalar_t)} + d.B * int64_t{sizeof(float)});
+  if (d.B * units > int64_t{kItems} * kThreads) {
+    plan.why_not = "batch x hidden units per block (" + std::to_string(d.B * units) + ") exceeds " +
+                   std::to_string(kItems * kThreads);
+    return plan;
+  }
+  if (smem > static_cast<int64_t>(prop->sharedMemPerBlockOptin)) {
+    plan.why_not = "the weights need " + std::to_string(smem) + " bytes of shared memory per block, more than the " +
+                   std::to_string(prop->sharedMemPerBlockOptin) + " a block can have";
+    return plan;
+  }
+  const void* kernel = kernel_of<cell, scalar_t>(backward);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<size_t>(smem)));
+  const int64_t blocks = (d.H + units - 1) / units;
+  if (blocks > int64_t{per_sm} * prop->multiProcessorCount) {
+    plan.why_not = std::to_string(blocks) + " blocks cannot all be resident at once";
+    return plan;
+  }
+  plan.units = static_cast<int>(units);
+  plan.blocks = static_cast<int>(blocks);
+  plan.smem = static_cast<size_t>(smem);
+  return plan;
+}
+
+}  // namespace
+
+template <Cell cell>
+PersistentPlan plan_persistent(bool backward, at::ScalarType dtype, const RecurrenceDims& d, bool projected,
+                               const at::Device& device) {
+  PersistentPlan plan;
+  if (projected) {
+    plan.why_not = "the projected LSTM (proj_size) runs stepwise";
+  } else if (dtype == at::kFloat) {
+    plan = plan_for<cell, float>(backward, d, device);
+  } else if (dtype == at::kHalf) {
+    plan = plan_for<cell, at::Half>(backward, d, device);
+  } else if (dtype == at::kBFloat16) {
+    plan = plan_for<cell, at::BFloat16>(backward, d, device);
+  } else {
+    plan.why_not = std::string("dtype ") + c10::toString(dtype) + " runs stepwise";
+  }
+  return plan;
+}
+
+template <Cell cell>
+void persistent_forward(const PersistentPlan& plan, const RecurrenceDims& d, const Steps& steps, const Tensor& gx,
+                        const Tensor& h0, const Tensor& c0, const Tensor& w_hh, const std::optional<Tensor>& b_hh,
+                        Tensor& output, Tensor& h_n, Tensor& c_n, Tensor& workspace) {
+  Tensor hbuf = at::empty({2, d.B, d.H}, gx.options());
+  hbuf[1].copy_(h0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gx.scalar_type(), "rnnkernels_persistent_forward", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      const ForwardArgs<scalar_t> args{steps, static_cast<int>(d.B), static_cast<int>(d.H), plan.units,
+                                       gx.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), maybe<scalar_t>(c0),
+                                       w_hh.data_ptr<scalar_t>(), maybe<scalar_t>(b_hh), output.data_ptr<scalar_t>(),
+                                       h_n.data_ptr<scalar_t>(), maybe<scalar_t>(c_n), maybe<scalar_t>(workspace),
+                                       hbuf.data_ptr<scalar_t>()};
+      launch(kernel_of<cell, scalar_t>(false), plan, args);
+    }
+  });
+}
+
+template <Cell cell>
+void persistent_backward(const PersistentPlan& plan, const RecurrenceDims& d, const Steps& steps,
+                         const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
+                         const Tensor& h0, const Tensor& c0, const Tensor& w_hh, const Tensor& output,
+                         const Tensor& workspace, Tensor& grad_gx, Tensor& grad_gh, Tensor& grad_h0,
+                         Tensor& grad_c0) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, output.scalar_type(), "rnnkernels_persistent_backward", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      const BackwardArgs<scalar_t> args{steps, static_cast<int>(d.B), static_cast<int>(d.H), plan.units,
+                                        grad_output.data_ptr<scalar_t>(), grad_h_n.data_ptr<scalar_t>(),
+                                        maybe<scalar_t>(grad_c_n), h0.data_ptr<scalar_t>(), maybe<scalar_t>(c0),
+                                        w_hh.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(),
+                                        maybe<scalar_t>(workspace), grad_gx.data_ptr<scalar_t>(),
+                                        grad_gh.data_ptr<scalar_t>(), grad_h0.data_ptr<scalar_t>(),
+                                        maybe<scalar_t>(grad_c0)};
+      launch(kernel_of<cell, scalar_t>(true), plan, args);
+    }
+  });
+}
+
+#define RNNKERNELS_INSTANTIATE(cell)                                                                               \
+  template PersistentPlan plan_persistent<cell>(bool, at::ScalarType, const RecurrenceDims&, bool,                 \
+                                                const at::Device&);                                                \
+  template void persistent_forward<cell>(const PersistentPlan&, const RecurrenceDims&, const Steps&, const Tensor&, \
+                                         const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, \
+                                         Tensor&, Tensor&, Tensor&, Tensor&);                                       \
+  template void persistent_backward<cell>(const PersistentPlan&, const RecurrenceDims&, const Steps&,              \
+                                          const Tensor&, const Tensor&, const Tensor&, const Tensor&,              \
+                                          const Tensor&, const Tensor&, const Tensor&, const Tensor&, Tensor&,     \
+                                          Tensor&, Tensor&, Tensor&);
+RNNKERNELS_INSTANTIATE(Cell::LSTM)
+RNNKERNELS_INSTANTIATE(Cell::GRU)
+RNNKERNELS_INSTANTIATE(Cell::RNN_TANH)
+RNNKERNELS_INSTANTIATE(Cell::RNN_RELU)
+
+}  // namespace rnnkernels::cuda
