@@ -2,7 +2,8 @@
 torch.compile, and autograd (the hand-written backward operator of each cell).
 
 The schemas live in csrc/ops.cpp: per cell c in CELLS, rnnkernels::{c}_forward and rnnkernels::{c}_backward,
-over one layer and direction of a whole sequence.
+over one layer and direction of a whole sequence, and rnnkernels::{c}_step, one time step with both
+projections inside (for generation), whose gradients come from the backward operator over one step.
 """
 
 from __future__ import annotations
@@ -107,6 +108,59 @@ def _autograd_backward(cell: str):
     return backward
 
 
+def _fake_step(cell: str):
+    def fake(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, keep_workspace=True):
+        H = w_hh.shape[0] // GATES[cell]
+        c_next = c.new_empty(c.shape) if cell == "lstm" else x.new_empty(0)
+        return h.new_empty(h.shape), c_next, x.new_empty(x.shape[0], workspace_width(cell, H) if keep_workspace else 0)
+
+    return fake
+
+
+def _step_setup_context(ctx, inputs, output):
+    x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, _ = inputs
+    h_next, _, workspace = output
+    ctx.save_for_backward(x, h, c, w_ih, w_hh, w_hr, h_next, workspace)
+    ctx.set_materialize_grads(False)
+    ctx.has_bias = (b_ih is not None, b_hh is not None)
+
+
+def _step_backward(cell: str):
+    """The one-step operator's gradients: the backward operator over a sequence of one step (the step's
+    workspace is one step of the sequence's), then the input projection's."""
+    backward_op = getattr(torch.ops.rnnkernels, f"{cell}_backward")
+
+    def backward(ctx, grad_h_next, grad_c_next, _grad_workspace):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "rnnkernels: the compiled backward is not differentiable (create_graph=True); "
+                "run double backward on backend='reference'"
+            )
+        x, h, c, w_ih, w_hh, w_hr, h_next, workspace = ctx.saved_tensors
+        output = h_next.unsqueeze(0)
+        grad_h_next = torch.zeros_like(h_next) if grad_h_next is None else grad_h_next
+        grads = backward_op(
+            torch.zeros_like(output), grad_h_next, grad_c_next if cell == "lstm" else None, h, c, w_hh, w_hr,
+            None, False, output, workspace.unsqueeze(0),
+        )
+        grad_gx, grad_h, grad_c, grad_w_hh, grad_b_hh, grad_w_hr = grads
+        grad_gates = grad_gx[0]
+        has_b_ih, has_b_hh = ctx.has_bias
+        return (
+            grad_gates @ w_ih,
+            grad_h,
+            grad_c if cell == "lstm" else None,
+            grad_gates.t() @ x,
+            grad_w_hh,
+            grad_gates.sum(0) if has_b_ih else None,
+            grad_b_hh if has_b_hh else None,
+            grad_w_hr if w_hr is not None else None,
+            None,
+        )
+
+    return backward
+
+
 def _linear_setup_context(ctx, inputs, output):
     x, w, b = inputs
     ctx.save_for_backward(x, w)
@@ -131,6 +185,9 @@ def _register() -> None:
         torch.library.register_fake(forward_name)(_fake_forward(cell))
         torch.library.register_fake(backward_name)(_fake_backward(cell))
         torch.library.register_autograd(forward_name, _autograd_backward(cell), setup_context=_setup_context)
+        step_name = f"rnnkernels::{cell}_step"
+        torch.library.register_fake(step_name)(_fake_step(cell))
+        torch.library.register_autograd(step_name, _step_backward(cell), setup_context=_step_setup_context)
 
 
 if LOAD_ERROR is None:

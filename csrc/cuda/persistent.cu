@@ -16,6 +16,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <cooperative_groups.h>
 
+#include <map>
+#include <mutex>
+#include <tuple>
+
 #include "kernels.cuh"
 
 namespace rnnkernels::cuda {
@@ -248,6 +252,23 @@ const void* kernel_of(bool backward) {
                   : reinterpret_cast<const void*>(forward_kernel<cell, scalar_t>);
 }
 
+// Blocks of `kernel` one multiprocessor holds with `smem` bytes of dynamic shared memory. The first query
+// raises the kernel's shared-memory limit to the device's; answers are cached, so that calls inside CUDA
+// graph capture, after a warm-up call outside it, make no CUDA API calls here.
+int resident_blocks(const void* kernel, int device, int64_t smem, size_t smem_limit) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int64_t>, int> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(kernel, device, smem);
+  const auto found = cache.find(key);
+  if (found != cache.end()) return found->second;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_limit)));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<size_t>(smem)));
+  cache.emplace(key, per_sm);
+  return per_sm;
+}
+
 template <Cell cell, typename scalar_t>
 PersistentPlan plan_for(bool backward, const RecurrenceDims& d, const at::Device& device) {
   PersistentPlan plan;
@@ -274,10 +295,8 @@ PersistentPlan plan_for(bool backward, const RecurrenceDims& d, const at::Device
                    std::to_string(prop->sharedMemPerBlockOptin) + " a block can have";
     return plan;
   }
-  const void* kernel = kernel_of<cell, scalar_t>(backward);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<size_t>(smem)));
+  const int per_sm =
+      resident_blocks(kernel_of<cell, scalar_t>(backward), device.index(), smem, prop->sharedMemPerBlockOptin);
   const int64_t blocks = (d.H + units - 1) / units;
   if (blocks > int64_t{per_sm} * prop->multiProcessorCount) {
     plan.why_not = std::to_string(blocks) + " blocks cannot all be resident at once";
