@@ -28,13 +28,15 @@ namespace {
 namespace cg = cooperative_groups;
 
 constexpr int kThreads = 512;
-constexpr int kItems = 4;        // (b, unit) pairs per thread in the pointwise phases
-constexpr int kRowsPerItem = 8;  // matrix rows one warp reduces per pass over a vector
+constexpr int kItems = 2;           // (b, unit) pairs per thread in the pointwise phases
+constexpr int kRowsPerItem = 8;     // matrix rows one warp reduces per pass over a vector
+constexpr int kChunksInFlight = 4;  // 16-byte loads of the vector a lane issues before using them
 
 // out[b * R + r] = sum_k vec[b * K + k] * mat[r * K + k] for b < B, r < R, summed in float. vec is global
 // memory that other blocks write during the kernel (read through L2); mat is in shared memory. K is a
-// multiple of kVec. One warp per item (b, s): lanes split k in 16-byte vectors and the warp reduces the
-// rows s, s + S, s + 2S, ... together, so each item reads vec[b] once. S grows until every warp has work.
+// multiple of kVec. One warp per item (b, s): lanes split k in 16-byte vectors, up to kChunksInFlight
+// loads of vec[b] issued at once (L2 latency is the cost here), and the warp reduces the rows s, s + S,
+// s + 2S, ... together, so each item reads vec[b] once. S grows until every warp has work.
 template <typename scalar_t>
 __device__ void block_matvec(const scalar_t* vec, const scalar_t* mat, int B, int R, int K, float* out) {
   constexpr int V = kVec<scalar_t>;
@@ -45,13 +47,21 @@ __device__ void block_matvec(const scalar_t* vec, const scalar_t* mat, int B, in
     const int b = item / S, s = item % S;
     const scalar_t* v = vec + static_cast<int64_t>(b) * K;
     float acc[kRowsPerItem] = {};
-#pragma unroll 2
-    for (int c = lane; c < chunks; c += 32) {
-      const Vec<scalar_t> x = load_l2(v + c * V);
+    for (int first = lane; first < chunks; first += 32 * kChunksInFlight) {
+      Vec<scalar_t> x[kChunksInFlight];
 #pragma unroll
-      for (int i = 0; i < kRowsPerItem; ++i) {
-        const int r = s + i * S;
-        if (r < R) acc[i] = dot(x, load_shared(mat + static_cast<int64_t>(r) * K + c * V), acc[i]);
+      for (int q = 0; q < kChunksInFlight; ++q) {
+        if (first + 32 * q < chunks) x[q] = load_l2(v + (first + 32 * q) * V);
+      }
+#pragma unroll
+      for (int q = 0; q < kChunksInFlight; ++q) {
+        const int c = first + 32 * q;
+        if (c >= chunks) break;
+#pragma unroll
+        for (int i = 0; i < kRowsPerItem; ++i) {
+          const int r = s + i * S;
+          if (r < R) acc[i] = dot(x[q], load_shared(mat + static_cast<int64_t>(r) * K + c * V), acc[i]);
+        }
       }
     }
 #pragma unroll
@@ -82,6 +92,17 @@ struct BackwardArgs {
   scalar_t *grad_gx, *grad_gh, *grad_h0, *grad_c0;  // grad_gh == grad_gx but for the GRU
 };
 
+// The pointwise phases give each thread up to kItems of the block's B x mine (batch row, unit) pairs,
+// the same ones at every step, so a unit's carried state stays in that thread's registers.
+struct Item {
+  int b, u;
+  bool valid;
+  __device__ Item(int k, int mine, int n) {
+    const int i = threadIdx.x + k * kThreads;
+    b = i / mine, u = i % mine, valid = i < n;
+  }
+};
+
 template <Cell cell, typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<scalar_t> a) {
   constexpr int G = static_cast<int>(gates_of(cell)), W = workspace_values(cell);
@@ -95,64 +116,62 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<
     const int row = static_cast<int>(e / H), k = static_cast<int>(e % H), g = row / U, u = row % U;
     w[e] = u < mine ? a.w_hh[static_cast<int64_t>(g * H + u0 + u) * H + k] : scalar_t(0);
   }
-  // Item k of this thread: pair i = threadIdx.x + k * kThreads, batch row i / mine, unit u0 + i % mine.
-  float h[kItems], c[kItems], bias[kItems][4];
+  float h[kItems], c[kItems];
 #pragma unroll
   for (int k = 0; k < kItems; ++k) {
-    const int i = threadIdx.x + k * kThreads, b = i / max(mine, 1), j = u0 + i % max(mine, 1);
-    if (i >= n) continue;
-    h[k] = a.h0[b * H + j];
-    c[k] = cell == Cell::LSTM ? static_cast<float>(a.c0[b * H + j]) : 0.f;
-#pragma unroll
-    for (int g = 0; g < G; ++g) bias[k][g] = a.b_hh ? static_cast<float>(a.b_hh[g * H + j]) : 0.f;
+    const Item it(k, mine, n);
+    if (!it.valid) continue;
+    h[k] = a.h0[it.b * H + u0 + it.u];
+    c[k] = cell == Cell::LSTM ? static_cast<float>(a.c0[it.b * H + u0 + it.u]) : 0.f;
   }
   __syncthreads();
   cg::grid_group grid = cg::this_grid();
   for (int64_t step = 0; step < a.steps.T; ++step) {
     const int64_t t = a.steps.time(step);
-    float x[kItems][4];  // issued before the matrix-vector product, whose time hides their latency
+    float x[kItems][4];  // loaded before the matrix-vector product, whose time hides their latency
 #pragma unroll
     for (int k = 0; k < kItems; ++k) {
-      const int i = threadIdx.x + k * kThreads, b = i / max(mine, 1), j = u0 + i % max(mine, 1);
-      if (i >= n) continue;
+      const Item it(k, mine, n);
+      if (!it.valid) continue;
 #pragma unroll
-      for (int g = 0; g < G; ++g) x[k][g] = a.gx[(t * B + b) * G * H + g * H + j];
+      for (int g = 0; g < G; ++g) x[k][g] = a.gx[(t * B + it.b) * G * H + g * H + u0 + it.u];
     }
     block_matvec(a.hbuf + ((step + 1) & 1) * B * H, w, B, R, H, pre);
     __syncthreads();
     scalar_t* h_next = a.hbuf + (step & 1) * B * H;
 #pragma unroll
     for (int k = 0; k < kItems; ++k) {
-      const int i = threadIdx.x + k * kThreads, b = i / max(mine, 1), u = i % max(mine, 1), j = u0 + u;
-      if (i >= n) continue;
-      const int64_t row = t * B + b;
-      if (a.steps.active(t, b)) {
+      const Item it(k, mine, n);
+      if (!it.valid) continue;
+      const int j = u0 + it.u;
+      const int64_t row = t * B + it.b;
+      const bool active = a.steps.active(t, it.b);
+      if (active) {
         float r[4], values[5];
 #pragma unroll
-        for (int g = 0; g < G; ++g) r[g] = pre[b * R + g * U + u] + bias[k][g];
+        for (int g = 0; g < G; ++g) {
+          r[g] = pre[it.b * R + g * U + it.u] + (a.b_hh ? static_cast<float>(a.b_hh[g * H + j]) : 0.f);
+        }
         unit_forward<cell>(x[k], r, h[k], c[k], values);
         if (a.workspace) {
 #pragma unroll
           for (int v = 0; v < W; ++v) a.workspace[row * W * H + v * H + j] = values[v];
         }
-        a.output[row * H + j] = h[k];
-      } else {  // a finished (or not yet started) sequence keeps its state and outputs zeros
-        if (a.workspace) {
+      } else if (a.workspace) {  // a finished (or not yet started) sequence keeps its state, outputs zeros
 #pragma unroll
-          for (int v = 0; v < W; ++v) a.workspace[row * W * H + v * H + j] = scalar_t(0);
-        }
-        a.output[row * H + j] = scalar_t(0);
+        for (int v = 0; v < W; ++v) a.workspace[row * W * H + v * H + j] = scalar_t(0);
       }
-      h_next[b * H + j] = h[k];
+      a.output[row * H + j] = active ? h[k] : 0.f;
+      h_next[it.b * H + j] = h[k];
     }
     if (step + 1 < a.steps.T) grid.sync();
   }
 #pragma unroll
   for (int k = 0; k < kItems; ++k) {
-    const int i = threadIdx.x + k * kThreads, b = i / max(mine, 1), j = u0 + i % max(mine, 1);
-    if (i >= n) continue;
-    a.h_n[b * H + j] = h[k];
-    if (cell == Cell::LSTM) a.c_n[b * H + j] = c[k];
+    const Item it(k, mine, n);
+    if (!it.valid) continue;
+    a.h_n[it.b * H + u0 + it.u] = h[k];
+    if (cell == Cell::LSTM) a.c_n[it.b * H + u0 + it.u] = c[k];
   }
 }
 
@@ -172,10 +191,10 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
   float dh[kItems], dc[kItems], direct[kItems];
 #pragma unroll
   for (int k = 0; k < kItems; ++k) {
-    const int i = threadIdx.x + k * kThreads, b = i / max(mine, 1), j = u0 + i % max(mine, 1);
-    if (i >= n) continue;
-    dh[k] = a.grad_h_n[b * H + j];
-    dc[k] = a.grad_c_n ? static_cast<float>(a.grad_c_n[b * H + j]) : 0.f;
+    const Item it(k, mine, n);
+    if (!it.valid) continue;
+    dh[k] = a.grad_h_n[it.b * H + u0 + it.u];
+    dc[k] = a.grad_c_n ? static_cast<float>(a.grad_c_n[it.b * H + u0 + it.u]) : 0.f;
     direct[k] = 0.f;
   }
   __syncthreads();
@@ -184,12 +203,14 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
     const int64_t t = a.steps.time(step);
 #pragma unroll
     for (int k = 0; k < kItems; ++k) {
-      const int i = threadIdx.x + k * kThreads, b = i / max(mine, 1), j = u0 + i % max(mine, 1);
-      if (i >= n) continue;
+      const Item it(k, mine, n);
+      if (!it.valid) continue;
+      const int b = it.b, j = u0 + it.u;
       const int64_t row = t * B + b;
+      float dgx[4] = {}, dgh[4] = {};  // zeros: the gradient of an inactive (t, b)
       if (a.steps.active(t, b)) {
         const float g = dh[k] + static_cast<float>(a.grad_output[row * H + j]);
-        float values[5], dgx[4], dgh[4], prev = 0.f, h = 0.f;
+        float values[5], prev = 0.f, h = 0.f;
 #pragma unroll
         for (int v = 0; v < W; ++v) values[v] = a.workspace[row * W * H + v * H + j];
         const bool first = a.steps.first(t, b);
@@ -198,17 +219,11 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
         if (cell == Cell::GRU) prev = first ? a.h0[b * H + j] : a.output[prev_row * H + j];
         if (cell == Cell::RNN_TANH || cell == Cell::RNN_RELU) h = a.output[row * H + j];
         unit_backward<cell>(g, dc[k], values, prev, h, dgx, dgh, direct[k]);
+      }
 #pragma unroll
-        for (int q = 0; q < G; ++q) {
-          a.grad_gx[row * K + q * H + j] = dgx[q];
-          if (cell == Cell::GRU) a.grad_gh[row * K + q * H + j] = dgh[q];
-        }
-      } else {
-#pragma unroll
-        for (int q = 0; q < G; ++q) {
-          a.grad_gx[row * K + q * H + j] = scalar_t(0);
-          if (cell == Cell::GRU) a.grad_gh[row * K + q * H + j] = scalar_t(0);
-        }
+      for (int q = 0; q < G; ++q) {
+        a.grad_gx[row * K + q * H + j] = dgx[q];
+        if (cell == Cell::GRU) a.grad_gh[row * K + q * H + j] = dgh[q];
       }
     }
     grid.sync();
@@ -216,16 +231,16 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < kItems; ++k) {
-      const int i = threadIdx.x + k * kThreads, b = i / max(mine, 1), u = i % max(mine, 1);
-      if (i < n && a.steps.active(t, b)) dh[k] = rec[b * U + u] + direct[k];
+      const Item it(k, mine, n);
+      if (it.valid && a.steps.active(t, it.b)) dh[k] = rec[it.b * U + it.u] + direct[k];
     }
   }
 #pragma unroll
   for (int k = 0; k < kItems; ++k) {
-    const int i = threadIdx.x + k * kThreads, b = i / max(mine, 1), j = u0 + i % max(mine, 1);
-    if (i >= n) continue;
-    a.grad_h0[b * H + j] = dh[k];
-    if (cell == Cell::LSTM) a.grad_c0[b * H + j] = dc[k];
+    const Item it(k, mine, n);
+    if (!it.valid) continue;
+    a.grad_h0[it.b * H + u0 + it.u] = dh[k];
+    if (cell == Cell::LSTM) a.grad_c0[it.b * H + u0 + it.u] = dc[k];
   }
 }
 
