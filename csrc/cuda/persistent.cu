@@ -29,8 +29,11 @@ namespace cg = cooperative_groups;
 
 constexpr int kThreads = 512;
 constexpr int kItems = 2;           // (b, unit) pairs per thread in the pointwise phases
-constexpr int kRowsPerItem = 8;     // matrix rows one warp reduces per pass over a vector
 constexpr int kChunksInFlight = 4;  // 16-byte loads of the vector a lane issues before using them
+// Matrix rows one warp reduces per pass over a vector: as many as the registers hold without spilling
+// (a float vector takes twice the registers of a 16-bit one).
+template <typename scalar_t>
+constexpr int kRowsPerItem = sizeof(scalar_t) == 2 ? 16 : 8;
 
 // out[b * R + r] = sum_k vec[b * K + k] * mat[r * K + k] for b < B, r < R, summed in float. vec is global
 // memory that other blocks write during the kernel (read through L2); mat is in shared memory. K is a
@@ -39,14 +42,14 @@ constexpr int kChunksInFlight = 4;  // 16-byte loads of the vector a lane issues
 // s + 2S, ... together, so each item reads vec[b] once. S grows until every warp has work.
 template <typename scalar_t>
 __device__ void block_matvec(const scalar_t* vec, const scalar_t* mat, int B, int R, int K, float* out) {
-  constexpr int V = kVec<scalar_t>;
+  constexpr int V = kVec<scalar_t>, rows = kRowsPerItem<scalar_t>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = kThreads / 32;
-  const int S = max((R + kRowsPerItem - 1) / kRowsPerItem, min(R, warps / B));
+  const int S = max((R + rows - 1) / rows, min(R, warps / B));
   const int chunks = K / V;
   for (int item = warp; item < B * S; item += warps) {
     const int b = item / S, s = item % S;
     const scalar_t* v = vec + static_cast<int64_t>(b) * K;
-    float acc[kRowsPerItem] = {};
+    float acc[rows] = {};
     for (int first = lane; first < chunks; first += 32 * kChunksInFlight) {
       Vec<scalar_t> x[kChunksInFlight];
 #pragma unroll
@@ -58,14 +61,14 @@ __device__ void block_matvec(const scalar_t* vec, const scalar_t* mat, int B, in
         const int c = first + 32 * q;
         if (c >= chunks) break;
 #pragma unroll
-        for (int i = 0; i < kRowsPerItem; ++i) {
+        for (int i = 0; i < rows; ++i) {
           const int r = s + i * S;
           if (r < R) acc[i] = dot(x[q], load_shared(mat + static_cast<int64_t>(r) * K + c * V), acc[i]);
         }
       }
     }
 #pragma unroll
-    for (int i = 0; i < kRowsPerItem; ++i) {
+    for (int i = 0; i < rows; ++i) {
       const int r = s + i * S;
       if (r < R) {  // the same for the whole warp
         const float total = warp_sum(acc[i]);
