@@ -1,7 +1,8 @@
 """Which backend runs a recurrence: the one rule, in one place.
 
-Each backend is one record: what it runs (the recurrence of one layer and direction, and the input
-projection) and ``unsupported(device, dtype)``, which answers None or the reason in words.
+Each backend is one record: what it runs (the recurrence of one layer and direction, the input
+projection and, where it has one, a fused single step for the cells) and ``unsupported(device, dtype)``,
+which answers None or the reason in words.
 ``backend="auto"`` takes the first backend of its device's order that supports the case. An explicit
 choice comes, from the strongest to the weakest: the ``rnnkernels.use_backend(...)`` context manager
 (per call, this thread), the module's ``backend=`` argument, the ``RNNKERNELS_BACKEND`` environment
@@ -30,6 +31,7 @@ class Backend:
     recurrence: Callable  # contract: reference.recurrence
     linear: Callable  # contract: torch.nn.functional.linear
     unsupported: Callable[[torch.device, torch.dtype], str | None]
+    step: Callable | None = None  # contract: ops.step; None: cells run recurrence over one step
 
 
 def _cpu_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -58,7 +60,7 @@ _BY_NAME = {
     backend.name: backend
     for backend in (
         Backend("cpu", ops.recurrence, ops.linear, _cpu_unsupported),
-        Backend("cuda", ops.recurrence, ops.linear, _cuda_unsupported),
+        Backend("cuda", ops.recurrence, ops.linear, _cuda_unsupported, ops.step),
         Backend("reference", reference.recurrence, torch.nn.functional.linear, lambda device, dtype: None),
     )
 }

@@ -147,7 +147,8 @@ class LSTM(_RNNBase, nn.RNNBase):
 
 
 class _CellBase(_Twin):
-    """forward of the cells: one time step through the same recurrence operators, with T = 1."""
+    """forward of the cells: one time step through the backend's one-step operator where it has one, else
+    through the recurrence operators with T = 1."""
 
     _cell: str
 
@@ -179,11 +180,12 @@ class _CellBase(_Twin):
 
         cell = self._cell_name()
         backend = backends.select(self.backend, input.device, input.dtype)
-        gx = backend.linear(input, self.weight_ih, self.bias_ih).unsqueeze(0)
-        _, h, c = backend.recurrence(
-            cell, gx, states[0], states[1] if is_lstm else None, self.weight_hh, self.bias_hh,
-            None, None, False,
-        )
+        c0 = states[1] if is_lstm else None
+        if backend.step is not None:
+            h, c = backend.step(cell, input, states[0], c0, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        else:
+            gx = backend.linear(input, self.weight_ih, self.bias_ih).unsqueeze(0)
+            _, h, c = backend.recurrence(cell, gx, states[0], c0, self.weight_hh, self.bias_hh, None, None, False)
         if not is_batched:
             h = h.squeeze(0)
             c = c.squeeze(0) if is_lstm else None

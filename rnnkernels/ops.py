@@ -222,3 +222,20 @@ def recurrence(
     keep_workspace = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     output, h_n, c_n, _ = forward_op(cell)(*inputs, lengths, reverse, keep_workspace)
     return output, h_n, (c_n if cell == "lstm" else None)
+
+
+def step(
+    cell: str,
+    x: Tensor,
+    h: Tensor,
+    c: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    """One time step of a cell through the compiled one-step operator: (h_next, c_next or None)."""
+    inputs = (x, h, c, w_ih, w_hh, b_ih, b_hh)
+    keep_workspace = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    h_next, c_next, _ = getattr(torch.ops.rnnkernels, f"{cell}_step")(*inputs, None, keep_workspace)
+    return h_next, (c_next if cell == "lstm" else None)

@@ -193,15 +193,25 @@ CELL_CASES = [(kind, unbatched, bias) for kind in CELL_KINDS for unbatched in (F
 
 
 @CUDA
-@pytest.mark.parametrize("path,hidden", PATH_SIZES, ids=PATH_IDS)
+@pytest.mark.parametrize("batch", [4, 13], ids=lambda b: f"B{b}")  # the fused step kernel, the GEMM path
+@pytest.mark.parametrize("hidden", [16, 6], ids=lambda h: f"H{h}")
 @pytest.mark.parametrize("kind,unbatched,bias", CELL_CASES,
                          ids=[f"{k}-{'unbatched' if u else 'batched'}-{'bias' if b else 'nobias'}" for k, u, b in CELL_CASES])
-def test_cell_matches_torch(kind, unbatched, bias, path, hidden, monkeypatch):
-    use_path(monkeypatch, path)
+def test_cell_matches_torch(kind, unbatched, bias, hidden, batch):
+    """The cells run the one-step operators on CUDA."""
     m = torch_module(kind, dtype=torch.float32, device="cuda", input_size=5, hidden_size=hidden, bias=bias)
     t = twin(m, "cuda")
-    x, h = cell_inputs(m, hx=True, unbatched=unbatched)
+    x, h = cell_inputs(m, B=batch, hx=True, unbatched=unbatched)
     check_twin(m, t, x, h)
+
+
+@CUDA
+@pytest.mark.parametrize("kind", list(CELL_KINDS))
+def test_cell_without_hx_and_in_bfloat16(kind):
+    m = torch_module(kind, dtype=torch.bfloat16, device="cuda", input_size=24, hidden_size=64)
+    t = twin(m, "cuda")
+    x, _ = cell_inputs(m, B=3)
+    check_twin(m, t, x)
 
 
 # ---------------------------------------------------------------------------------- one-step operators
