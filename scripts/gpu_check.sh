@@ -41,7 +41,7 @@ phase build 180 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 "$PYTHON" -m pip instal
 phase registered 30 "$PYTHON" -c "import torch, rnnkernels; \
 assert torch._C._dispatch_has_kernel_for_dispatch_key('rnnkernels::lstm_forward', 'CUDA'), 'no CUDA kernels'; \
 print(rnnkernels.__file__, torch.__version__, torch.cuda.get_device_name())"
-phase tests_cuda 240 "$PYTHON" -m pytest tests -m cuda -q -p no:cacheprovider --maxfail=50 --durations=15
+phase tests_cuda 300 "$PYTHON" -m pytest tests -m cuda -q -p no:cacheprovider --maxfail=50 --durations=15
 if [ -f tests/test_triton.py ]; then
   phase tests_triton 120 "$PYTHON" -m pytest tests/test_triton.py -q -p no:cacheprovider --durations=10
 fi

@@ -290,8 +290,8 @@ def test_step_op_gradcheck(cell, projected):
 
 
 @CUDA
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("batch", [2, 11])
+@pytest.mark.parametrize("batch,dtype", [(2, torch.float32), (11, torch.float32), (2, torch.float64)],
+                         ids=["fused", "gemms", "f64"])
 @pytest.mark.parametrize("cell,projected", OP_CELLS, ids=OP_IDS)
 def test_opcheck_step(cell, projected, batch, dtype):
     args = step_args(cell, projected, B=batch, dtype=dtype, requires_grad=True)
@@ -317,13 +317,13 @@ OPCHECK_VARIANTS = {
 
 
 @CUDA
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("path", ["persistent", "stepwise"])
+@pytest.mark.parametrize("path,dtype", [("persistent", torch.float32), ("stepwise", torch.float32),
+                                        ("stepwise", torch.float64)], ids=["persistent-f32", "stepwise-f32", "f64"])
 @pytest.mark.parametrize("variant", list(OPCHECK_VARIANTS))
 @pytest.mark.parametrize("cell,projected", OP_CELLS, ids=OP_IDS)
 def test_opcheck_forward_and_backward(cell, projected, variant, path, dtype, monkeypatch):
-    if path == "persistent" and (projected or dtype == torch.float64):
-        pytest.skip("runs stepwise")
+    if path == "persistent" and projected:
+        pytest.skip("the projected LSTM runs stepwise")
     use_path(monkeypatch, path)
     args = on_cuda(op_args(cell, projected, H=8, P=4, dtype=dtype, **OPCHECK_VARIANTS[variant]))
     torch.library.opcheck(ops.forward_op(cell), tuple(args))
