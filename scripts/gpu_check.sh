@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command, inside a time budget (GPU_CHECK_BUDGET_S, default 570 s):
 #   1. build the extension for sm_90 in place;
-#   2. the CUDA tests (pytest -m cuda), and the Triton tests where tests/test_triton.py exists;
+#   2. the GPU tests (pytest -m cuda: CUDA, and Triton where present), then the rest of tests/test_triton.py;
 #   3. compute-sanitizer memcheck and racecheck over scripts/sanitize_case.py (any error fails);
 #   4. the full benchmark on the GPU, saved as $OUT/gpu.json.
 # Logs go to $OUT (default ./gpu-out). Every phase runs even if an earlier one failed, each capped at its
@@ -43,7 +43,8 @@ assert torch._C._dispatch_has_kernel_for_dispatch_key('rnnkernels::lstm_forward'
 print(rnnkernels.__file__, torch.__version__, torch.cuda.get_device_name())"
 phase tests_cuda 300 "$PYTHON" -m pytest tests -m cuda -q -p no:cacheprovider --maxfail=50 --durations=15
 if [ -f tests/test_triton.py ]; then
-  phase tests_triton 120 "$PYTHON" -m pytest tests/test_triton.py -q -p no:cacheprovider --durations=10
+  # its cuda-marked tests ran above; the rest (e.g. interpreter mode) here
+  phase tests_triton 120 "$PYTHON" -m pytest tests/test_triton.py -m "not cuda" -q -p no:cacheprovider --durations=10
 fi
 # No caching allocator under the sanitizer: every buffer its own allocation, so out-of-bounds accesses
 # inside torch's memory pool are caught too.
