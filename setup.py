@@ -1,17 +1,27 @@
-"""Builds rnnkernels._C, the C++ CPU kernels (csrc/). The CUDA kernels, when csrc/cuda lands, build here too.
+"""Builds rnnkernels._C: the C++ CPU kernels (csrc/cpu) and, where torch is a CUDA build and nvcc is
+found, the CUDA kernels (csrc/cuda) in the same module.
 
 Install with the torch already in the environment (build isolation would fetch a second, multi-GB torch):
     pip install --no-build-isolation -e .
-Environment: RNNKERNELS_CPU_ARCH (default "native": the extension is built on the machine that runs it;
-set e.g. "x86-64-v3" to build for other machines), MAX_JOBS.
+Environment:
+    RNNKERNELS_CPU_ARCH   default "native": the C++ code is built for the machine that builds it; set e.g.
+                          "x86-64-v3" to build for other machines.
+    RNNKERNELS_CUDA       "0" builds the CPU kernels only, even where CUDA could be built.
+    TORCH_CUDA_ARCH_LIST  the GPU architectures, e.g. "9.0"; where unset and no GPU is visible, "8.0;9.0"
+                          (torch's helper would otherwise fail looking for a device).
+    CUDA_HOME, MAX_JOBS   as torch.utils.cpp_extension reads them.
 """
 
 import glob
 import os
 import platform
 
+import torch
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+from torch.utils import cpp_extension
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+DEFAULT_CUDA_ARCHS = "8.0;9.0"  # A100 and H100
 
 
 def cxx_flags():
@@ -24,9 +34,42 @@ def cxx_flags():
     return flags
 
 
+def build_cuda() -> bool:
+    """The CUDA kernels build when torch is a CUDA build, nvcc is found and RNNKERNELS_CUDA is not "0"."""
+    return (
+        os.environ.get("RNNKERNELS_CUDA", "1") != "0"
+        and torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+    )
+
+
+def nvidia_wheel_includes():
+    """Headers of the pip nvidia-* wheels (cuBLAS, cuSPARSE, ...) that torch's CUDA headers include: a pip
+    CUDA torch with a system nvcc then builds without setting CPLUS_INCLUDE_PATH."""
+    roots = {os.path.dirname(os.path.dirname(torch.__file__))}
+    return sorted(path for root in roots for path in glob.glob(os.path.join(root, "nvidia", "*", "include")))
+
+
+def nvcc_flags():
+    # No --use_fast_math: its approximate expf/tanhf (and flushed denormals) would make the gate math of
+    # the GPU differ from the CPU kernels' and from torch.nn by more than rounding, and the recurrence
+    # compounds that error over the time steps; the gate math is a small share of each step's time.
+    return ["-O3", "-lineinfo"]
+
+
 def extension():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    return CppExtension("rnnkernels._C", sources, extra_compile_args={"cxx": cxx_flags()})
+    if not build_cuda():
+        return CppExtension("rnnkernels._C", sources, extra_compile_args={"cxx": cxx_flags()})
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    return CUDAExtension(
+        "rnnkernels._C",
+        sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        include_dirs=nvidia_wheel_includes(),
+        define_macros=[("RNNKERNELS_WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx_flags(), "nvcc": nvcc_flags()},
+    )
 
 
 setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension})

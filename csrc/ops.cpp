@@ -6,6 +6,9 @@
 #include <string>
 
 #include "cpu/recurrence.h"
+#ifdef RNNKERNELS_WITH_CUDA
+#include "cuda/recurrence_cuda.h"
+#endif
 
 namespace {
 
@@ -20,8 +23,9 @@ const char* kBackwardArgs =
     "(Tensor grad_output, Tensor grad_h_n, Tensor? grad_c_n, Tensor h0, Tensor? c0, Tensor w_hh, "
     "Tensor? w_hr, Tensor? lengths, bool reverse, Tensor output, Tensor workspace) -> (Tensor grad_gx, "
     "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_hh, Tensor grad_b_hh, Tensor grad_w_hr)";
-// One time step of one layer with its input projection, for generation: x (B, I), h (B, P), c (B, H).
-// The workspace is one step of the sequence forward's, so the sequence backward at T = 1 serves it.
+// One time step for generation: x (B, I) and the state, both projections inside. h_next (B, P), c_next
+// (B, H) for LSTM else empty; the workspace (B, W) is one step of the sequence forward's, so that autograd
+// runs the backward operator with T = 1; (B, 0) when keep_workspace is false.
 const char* kStepArgs =
     "(Tensor x, Tensor h, Tensor? c, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, "
     "bool keep_workspace=True) -> (Tensor h_next, Tensor c_next, Tensor workspace)";
@@ -56,6 +60,25 @@ TORCH_LIBRARY_IMPL(rnnkernels, CPU, m) {
   m.impl("rnn_relu_backward", &rnnkernels::backward_cpu<Cell::RNN_RELU>);
   m.impl("rnn_relu_step", &rnnkernels::step_cpu<Cell::RNN_RELU>);
 }
+
+#ifdef RNNKERNELS_WITH_CUDA
+TORCH_LIBRARY_IMPL(rnnkernels, CUDA, m) {
+  using rnnkernels::Cell;
+  m.impl("linear", &rnnkernels::linear_cuda);
+  m.impl("lstm_forward", &rnnkernels::forward_cuda<Cell::LSTM>);
+  m.impl("lstm_backward", &rnnkernels::backward_cuda<Cell::LSTM>);
+  m.impl("lstm_step", &rnnkernels::step_cuda<Cell::LSTM>);
+  m.impl("gru_forward", &rnnkernels::forward_cuda<Cell::GRU>);
+  m.impl("gru_backward", &rnnkernels::backward_cuda<Cell::GRU>);
+  m.impl("gru_step", &rnnkernels::step_cuda<Cell::GRU>);
+  m.impl("rnn_tanh_forward", &rnnkernels::forward_cuda<Cell::RNN_TANH>);
+  m.impl("rnn_tanh_backward", &rnnkernels::backward_cuda<Cell::RNN_TANH>);
+  m.impl("rnn_tanh_step", &rnnkernels::step_cuda<Cell::RNN_TANH>);
+  m.impl("rnn_relu_forward", &rnnkernels::forward_cuda<Cell::RNN_RELU>);
+  m.impl("rnn_relu_backward", &rnnkernels::backward_cuda<Cell::RNN_RELU>);
+  m.impl("rnn_relu_step", &rnnkernels::step_cuda<Cell::RNN_RELU>);
+}
+#endif
 
 // Importing rnnkernels._C runs the registrations above; the module itself holds nothing.
 extern "C" PyObject* PyInit__C(void) {

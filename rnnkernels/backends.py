@@ -54,6 +54,18 @@ def _cpu_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
+def _cuda_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
+    if ops.LOAD_ERROR is not None:
+        return f"the compiled extension could not be loaded ({ops.LOAD_ERROR})"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("rnnkernels::lstm_forward", "CUDA"):
+        return "the extension was built without its CUDA kernels (torch without CUDA, no nvcc, or RNNKERNELS_CUDA=0)"
+    if device.type != "cuda":
+        return f"the cuda backend runs CUDA tensors, got a tensor on {device}"
+    if dtype not in COMPILED_DTYPES:
+        return f"the cuda backend runs {COMPILED_DTYPES}, got {dtype}"
+    return None
+
+
 _triton: list = []  # [rnnkernels.triton or None, why not], filled on first use
 
 
@@ -89,13 +101,14 @@ _BY_NAME = {
     backend.name: backend
     for backend in (
         Backend("cpu", ops.recurrence, ops.linear, _cpu_unsupported, ops.step),
+        Backend("cuda", ops.recurrence, ops.linear, _cuda_unsupported, ops.step),
         Backend("triton", _triton_recurrence, torch.nn.functional.linear, _triton_unsupported),
         Backend("reference", reference.recurrence, torch.nn.functional.linear, lambda device, dtype: None),
     )
 }
 BACKENDS = tuple(_BY_NAME)
 # "auto" tries these in order; the reference backend, last everywhere, runs anything.
-AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")}
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 FALLBACK_ORDER = ("reference",)
 
 _local = threading.local()

@@ -35,7 +35,7 @@ def spy(monkeypatch):
 
 
 def test_backend_names():
-    assert rnnkernels.BACKENDS == ("cpu", "triton", "reference")
+    assert rnnkernels.BACKENDS == ("cpu", "cuda", "triton", "reference")
     assert backends.check_name("auto") == "auto"
     for name in rnnkernels.BACKENDS:
         assert backends.check_name(name) == name

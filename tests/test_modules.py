@@ -57,11 +57,11 @@ LSTM_CASES = {
 ALL_CASES = [(kind, case) for kind in RNN_KINDS for case in RNN_CASES] + [("LSTM", case) for case in LSTM_CASES]
 
 
-def build_case(kind, case, dtype, backend, construct="from_torch", device="cpu", T=5, B=4):
+def build_case(kind, case, dtype, backend, construct="from_torch", device="cpu", T=5, B=4, hidden_size=H):
     module_kw, input_kw = {**RNN_CASES, **LSTM_CASES}[case]
     input_kw = dict(input_kw)
     train = input_kw.pop("train", False)
-    m = torch_module(kind, dtype=dtype, device=device, input_size=I, hidden_size=H, **module_kw)
+    m = torch_module(kind, dtype=dtype, device=device, input_size=I, hidden_size=hidden_size, **module_kw)
     m.train(train)
     t = twin(m, backend_on(device, backend), construct)
     x, hx = rnn_inputs(m, T, B, **input_kw)

@@ -19,15 +19,6 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t gates_of(Cell cell) {
-  return cell == Cell::LSTM ? 4 : cell == Cell::GRU ? 3 : 1;
-}
-
-// Columns of the per-step workspace the backward reads: LSTM i, f, g, o, c; GRU r, z, n, W_hn h + b_hn.
-constexpr int64_t workspace_width(Cell cell, int64_t H) {
-  return cell == Cell::LSTM ? 5 * H : cell == Cell::GRU ? 4 * H : 0;
-}
-
 // torch ships oneDNN's GEMM behind the operators mkldnn::_linear_pointwise and
 // mkldnn::_reorder_linear_weight. For float32 on x86 it runs at AVX-512 speed where MKL's sgemm takes
 // its AVX2 path (AMD CPUs: about 2x), and a weight reordered once into oneDNN's blocked layout is
@@ -393,22 +384,9 @@ Tensors6 backward_cpu(const Tensor& grad_output_in, const Tensor& grad_h_n,
                       const std::optional<Tensor>& w_hr_in, const std::optional<Tensor>& lengths_in,
                       bool reverse, const Tensor& output_in, const Tensor& workspace_in) {
   const int64_t G = gates_of(cell);
-  TORCH_CHECK(output_in.dim() == 3, "rnnkernels: output must be 3-D (T, B, P)");
-  const int64_t T = output_in.size(0), B = output_in.size(1);
-  const RecurrenceDims d = check_recurrence_args(G, {T, B, w_hh_in.size(0)}, output_in, h0_in, c0, w_hh_in,
-                                                 std::nullopt, w_hr_in, lengths_in);
-  TORCH_CHECK(output_in.size(2) == d.P, "rnnkernels: output must be [T, B, ", d.P, "], got ", output_in.sizes());
-  TORCH_CHECK(grad_output_in.sizes() == output_in.sizes() && grad_h_n.sizes() == h0_in.sizes(),
-              "rnnkernels: gradient shapes must match the forward's outputs");
-  TORCH_CHECK(workspace_in.dim() == 3 && workspace_in.size(0) == T && workspace_in.size(1) == B &&
-                  workspace_in.size(2) == workspace_width(cell, d.H),
-              "rnnkernels: workspace does not come from this forward, or the forward ran with "
-              "keep_workspace=False");
-  check_like(output_in, {grad_output_in, grad_h_n, workspace_in});
-  if (cell == Cell::LSTM && grad_c_n.has_value()) {
-    check_matrix(*grad_c_n, "grad_c_n", B, d.H);
-    check_like(output_in, {*grad_c_n});
-  }
+  const RecurrenceDims d = check_backward_args(cell, grad_output_in, grad_h_n, grad_c_n, h0_in, c0, w_hh_in,
+                                               w_hr_in, lengths_in, output_in, workspace_in);
+  const int64_t T = d.T, B = d.B;
   const Tensor grad_output = grad_output_in.contiguous(), h0 = h0_in.contiguous(),
                w_hh = w_hh_in.contiguous(), output = output_in.contiguous(),
                workspace = workspace_in.contiguous();
@@ -440,12 +418,7 @@ Tensors6 backward_cpu(const Tensor& grad_output_in, const Tensor& grad_h_n,
 }
 
 Tensor linear_cpu(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
-              "rnnkernels.linear: expects x [rows, k] and w [n, k], got ", x.sizes(), " and ", w.sizes());
-  TORCH_CHECK(!b.has_value() || (b->dim() == 1 && b->size(0) == w.size(0)),
-              "rnnkernels.linear: b must have shape [", w.size(0), "]");
-  TORCH_CHECK(x.scalar_type() == w.scalar_type() && (!b.has_value() || b->scalar_type() == w.scalar_type()),
-              "rnnkernels.linear: x, w and b must share a dtype");
+  check_linear_args(x, w, b);
   return linear_once(x, w, b);
 }
 
@@ -453,9 +426,7 @@ template <Cell cell>
 Tensors3 step_cpu(const Tensor& x, const Tensor& h, const std::optional<Tensor>& c, const Tensor& w_ih,
                   const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
                   const std::optional<Tensor>& w_hr, bool keep_workspace) {
-  TORCH_CHECK(x.dim() == 2 && w_ih.dim() == 2 && w_ih.size(0) == w_hh.size(0) && x.size(1) == w_ih.size(1),
-              "rnnkernels: a step takes x [B, input_size] and w_ih [", w_hh.size(0), ", input_size], got ",
-              x.sizes(), " and ", w_ih.sizes());
+  check_step_args(gates_of(cell), x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr);
   const Tensor gx = linear_cpu(x, w_ih, b_ih).unsqueeze(0);
   auto [output, h_next, c_next, workspace] =
       forward_cpu<cell>(gx, h, c, w_hh, b_hh, w_hr, std::nullopt, false, keep_workspace);

@@ -5,13 +5,9 @@
 #include <optional>
 #include <tuple>
 
+#include "../recurrence_args.h"
+
 namespace rnnkernels {
-
-enum class Cell { LSTM, GRU, RNN_TANH, RNN_RELU };
-
-using Tensors3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using Tensors6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 template <Cell cell>
 Tensors4 forward_cpu(const at::Tensor& gx, const at::Tensor& h0, const std::optional<at::Tensor>& c0,
