@@ -15,11 +15,29 @@ Environment:
 import glob
 import os
 import platform
+import shutil
 
-import torch
-from setuptools import setup
-from torch.utils import cpp_extension
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+def find_cuda_toolkit() -> None:
+    """torch takes the toolkit to be the folder above the nvcc on the PATH; where that nvcc is a wrapper
+    outside the toolkit (e.g. /usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc), the headers and
+    libcudart are not there, so point CUDA_HOME at /usr/local/cuda, torch's own last guess, instead."""
+    nvcc = shutil.which("nvcc")
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or nvcc is None:
+        return
+    guessed = os.path.dirname(os.path.dirname(nvcc))
+    if not os.path.exists(os.path.join(guessed, "include", "cuda_runtime.h")) and os.path.exists(
+        "/usr/local/cuda/include/cuda_runtime.h"
+    ):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
+find_cuda_toolkit()  # before torch.utils.cpp_extension reads CUDA_HOME
+
+import torch  # noqa: E402
+from setuptools import setup  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 DEFAULT_CUDA_ARCHS = "8.0;9.0"  # A100 and H100
 
