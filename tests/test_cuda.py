@@ -378,6 +378,33 @@ def test_paths_agree(cell, lengths, reverse, dtype, monkeypatch):
         torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol, msg=name)
 
 
+@CUDA
+@pytest.mark.parametrize("path", ["auto", "stepwise"])
+@pytest.mark.parametrize("cell,projected", OP_CELLS, ids=OP_IDS)
+def test_zero_hidden_size_matches_cpu(cell, projected, path, monkeypatch):
+    """H = 0 is a legal shape (the CPU kernels accept it; a projected LSTM then outputs zeros): the CUDA
+    operators give the CPU's results rather than a division by zero in the planner or 0-block launches."""
+    use_path(monkeypatch, path)
+    cpu_args = op_args(cell, projected, H=0, P=2, lengths=[2, 0, 3], requires_grad=False)
+    results = []
+    for args in (cpu_args, on_cuda(cpu_args)):
+        output, h_n, c_n, workspace = ops.forward_op(cell)(*args)
+        _, h0, c0, w_hh, _, w_hr, lengths, reverse = args
+        grads = [torch.ones_like(t) for t in (output, h_n, c_n)]
+        backward = getattr(torch.ops.rnnkernels, f"{cell}_backward")(
+            grads[0], grads[1], grads[2] if cell == "lstm" else None, h0, c0, w_hh, w_hr, lengths, reverse,
+            output, workspace)
+        results.append([output, h_n, c_n, workspace, *backward])
+    for ours, cpu in zip(results[1], results[0]):
+        torch.testing.assert_close(ours.cpu(), cpu)
+    x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr = step_args(cell, projected, B=2, H=0, dtype=torch.float64)
+    step = getattr(torch.ops.rnnkernels, f"{cell}_step")
+    on_gpu = step(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
+    on_cpu = step(*[t.cpu() if t is not None else None for t in (x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr)])
+    for ours, cpu in zip(on_gpu, on_cpu):
+        torch.testing.assert_close(ours.cpu(), cpu)
+
+
 # ---------------------------------------------------------------------------------------- CUDA graphs
 class Layer(nn.Module):
     """Returns plain tensors, as make_graphed_callables wants them."""

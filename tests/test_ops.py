@@ -408,6 +408,23 @@ def test_ops_accept_empty_sequence_and_batch():
         torch.testing.assert_close(c_n, args[2])
 
 
+@pytest.mark.parametrize("cell,projected", OP_CELLS, ids=OP_IDS)
+def test_ops_accept_zero_hidden_size(cell, projected):
+    """H = 0 is a legal shape too: states pass through, a projected LSTM outputs zeros on active steps
+    (tests/test_cuda.py holds the CUDA operators to these results)."""
+    args = op_args(cell, projected, H=0, P=2, lengths=[2, 0, 3], requires_grad=False)
+    output, h_n, c_n, workspace = ops.forward_op(cell)(*args)
+    _, h0, c0, w_hh, _, w_hr, lengths, reverse = args
+    assert tuple(output.shape) == (3, 3, 2 if projected else 0)
+    if projected:
+        torch.testing.assert_close(output, torch.zeros_like(output))
+        torch.testing.assert_close(h_n[1], h0[1])  # length 0: h0 passes through
+    grads = getattr(torch.ops.rnnkernels, f"{cell}_backward")(
+        torch.ones_like(output), torch.ones_like(h_n), torch.ones_like(c_n) if cell == "lstm" else None, h0, c0,
+        w_hh, w_hr, lengths, reverse, output, workspace)
+    assert [tuple(g.shape) for g in grads[:2]] == [(3, 3, 0), tuple(h0.shape)]
+
+
 def test_all_operators_registered():
     names = {f"{c}_{d}" for c, d in itertools.product(ops.CELLS, ("forward", "backward", "step"))} | {"linear"}
     for name in names:

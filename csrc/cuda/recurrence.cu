@@ -37,7 +37,8 @@ PersistentPlan choose_path(bool backward, at::ScalarType dtype, const Recurrence
   TORCH_CHECK(forced.empty() || forced == "auto" || forced == "persistent" || forced == "stepwise",
               "rnnkernels: RNNKERNELS_CUDA_PATH must be persistent, stepwise or auto, got '", forced, "'");
   PersistentPlan plan;
-  if (forced == "stepwise" || d.T == 0 || d.B == 0) {
+  // An empty sweep has nothing for a persistent kernel to do, and H = 0 would plan blocks of 0 units.
+  if (forced == "stepwise" || d.T == 0 || d.B == 0 || d.H == 0) {
     plan.why_not = "stepwise chosen";
     return plan;
   }

@@ -171,7 +171,8 @@ Tensors3 step_cuda(const Tensor& x_in, const Tensor& h_in, const std::optional<T
     const Tensor c_next = cell == Cell::LSTM ? at::empty({0, d.H}, opts) : at::empty({0}, opts);
     return {at::empty({0, d.P}, opts), c_next, at::empty({0, W}, opts)};
   }
-  if (d.B <= kMaxBatch && !w_hr.has_value() && x.scalar_type() != at::kDouble) {
+  // H = 0 takes the GEMM path, whose launches skip empty grids (the fused kernel's would be 0 blocks).
+  if (d.B <= kMaxBatch && d.H > 0 && !w_hr.has_value() && x.scalar_type() != at::kDouble) {
     Tensor h_next = at::empty({d.B, d.P}, opts), workspace = at::empty({d.B, W}, opts);
     Tensor c_next = cell == Cell::LSTM ? at::empty({d.B, d.H}, opts) : at::empty({0}, opts);
     fused_step<cell>(d, x, h, c, w_ih, w_hh, b_ih, b_hh, h_next, c_next, workspace);

@@ -17,7 +17,14 @@ namespace {
 
 constexpr int kThreads = 256;
 
-int blocks_for(int64_t n) { return static_cast<int>((n + kThreads - 1) / kThreads); }
+// Runs kernel over n elements on the stream. None where n is 0 (H = 0 or P = 0, legal shapes): a grid of
+// 0 blocks is a launch error.
+template <typename Kernel, typename... Args>
+void launch(Kernel kernel, int64_t n, cudaStream_t stream, Args... args) {
+  if (n == 0) return;
+  kernel<<<static_cast<int>((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 // One time step's pointwise work after the GEMM gh = h W_hh^T + b_hh. h_out receives the new hidden
 // values: the state h itself, or (projected LSTM) the unprojected o * tanh(c) that the projection GEMM reads.
@@ -142,17 +149,14 @@ void forward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gx,
   for (int64_t step = 0; step < T; ++step) {
     const int64_t t = steps.time(step);
     b_hh.has_value() ? at::addmm_out(gh, *b_hh, h, w_hh_t) : at::mm_out(gh, h, w_hh_t);
-    forward_step_kernel<cell, scalar_t><<<blocks_for(B * H), kThreads, 0, stream>>>(
-        steps, t, B, H, ptr<scalar_t>(gx, t * B * GH), ptr<scalar_t>(gh), ptr<scalar_t>(h), ptr<scalar_t>(c),
-        ptr<scalar_t>(m), projected ? nullptr : ptr<scalar_t>(output, t * B * P),
-        keep ? ptr<scalar_t>(workspace, t * B * W) : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(forward_step_kernel<cell, scalar_t>, B * H, stream, steps, t, B, H, ptr<scalar_t>(gx, t * B * GH),
+           ptr<scalar_t>(gh), ptr<scalar_t>(h), ptr<scalar_t>(c), ptr<scalar_t>(m),
+           projected ? nullptr : ptr<scalar_t>(output, t * B * P), keep ? ptr<scalar_t>(workspace, t * B * W) : nullptr);
     if (projected) {
       Tensor out_t = output[t];
       at::mm_out(out_t, m, w_hr->t());
-      projection_step_kernel<scalar_t><<<blocks_for(B * P), kThreads, 0, stream>>>(
-          steps, t, B, P, ptr<scalar_t>(h), ptr<scalar_t>(output, t * B * P));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(projection_step_kernel<scalar_t>, B * P, stream, steps, t, B, P, ptr<scalar_t>(h),
+             ptr<scalar_t>(output, t * B * P));
     }
   }
 }
@@ -172,17 +176,14 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
   for (int64_t step = T - 1; step >= 0; --step) {
     const int64_t t = steps.time(step);
     if (projected) {
-      accumulate_step_kernel<scalar_t><<<blocks_for(B * P), kThreads, 0, stream>>>(
-          steps, t, B, P, ptr<scalar_t>(grad_output, t * B * P), ptr<scalar_t>(dh), ptr<scalar_t>(dh_all, t * B * P),
-          ptr<scalar_t>(carry));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(accumulate_step_kernel<scalar_t>, B * P, stream, steps, t, B, P, ptr<scalar_t>(grad_output, t * B * P),
+             ptr<scalar_t>(dh), ptr<scalar_t>(dh_all, t * B * P), ptr<scalar_t>(carry));
       at::mm_out(dm, dh, *w_hr);
     }
-    cell_step<<<blocks_for(B * H), kThreads, 0, stream>>>(
-        steps, t, B, H, projected ? ptr<scalar_t>(dm) : ptr<scalar_t>(dh), ptr<scalar_t>(grad_output),
-        ptr<scalar_t>(workspace), ptr<scalar_t>(output), ptr<scalar_t>(h0), ptr<scalar_t>(c0), ptr<scalar_t>(dc),
-        ptr<scalar_t>(grad_gx), ptr<scalar_t>(grad_gh), ptr<scalar_t>(m_all), ptr<scalar_t>(carry));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(cell_step, B * H, stream, steps, t, B, H, projected ? ptr<scalar_t>(dm) : ptr<scalar_t>(dh),
+           ptr<scalar_t>(grad_output), ptr<scalar_t>(workspace), ptr<scalar_t>(output), ptr<scalar_t>(h0),
+           ptr<scalar_t>(c0), ptr<scalar_t>(dc), ptr<scalar_t>(grad_gx), ptr<scalar_t>(grad_gh), ptr<scalar_t>(m_all),
+           ptr<scalar_t>(carry));
     at::addmm_out(dh, carry, grad_gh[t], w_hh);
   }
 }
