@@ -427,7 +427,9 @@ Tensors3 step_cpu(const Tensor& x, const Tensor& h, const std::optional<Tensor>&
                   const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
                   const std::optional<Tensor>& w_hr, bool keep_workspace) {
   check_step_args(gates_of(cell), x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr);
-  const Tensor gx = linear_cpu(x, w_ih, b_ih).unsqueeze(0);
+  // A step's projection sums over input_size only, as torch.nn's cells do: one GEMM, no K slices (whose
+  // column views of w_ih oneDNN would need copied, at every step).
+  const Tensor gx = StepLinear(w_ih, b_ih, x.size(0), 1)(x.contiguous()).unsqueeze(0);
   auto [output, h_next, c_next, workspace] =
       forward_cpu<cell>(gx, h, c, w_hh, b_hh, w_hr, std::nullopt, false, keep_workspace);
   return {h_next, c_next, workspace.squeeze(0)};
