@@ -30,6 +30,9 @@ constexpr int64_t workspace_width(Cell cell, int64_t H) {
 
 // What the operators return: forward (output, h_n, c_n, workspace); backward (grad_gx, grad_h0, grad_c0,
 // grad_w_hh, grad_b_hh, grad_w_hr); one step (h_next, c_next, workspace).
+// Expands M(cell) for every cell: the explicit instantiations of each file's templates.
+#define RNNKERNELS_FOR_EACH_CELL(M) M(Cell::LSTM) M(Cell::GRU) M(Cell::RNN_TANH) M(Cell::RNN_RELU)
+
 using Tensors3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Tensors6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;

@@ -447,9 +447,6 @@ Tensors3 step_cpu(const Tensor& x, const Tensor& h, const std::optional<Tensor>&
   template Tensors3 step_cpu<cell>(const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&, \
                                    const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&, \
                                    const std::optional<Tensor>&, bool);
-RNNKERNELS_INSTANTIATE(Cell::LSTM)
-RNNKERNELS_INSTANTIATE(Cell::GRU)
-RNNKERNELS_INSTANTIATE(Cell::RNN_TANH)
-RNNKERNELS_INSTANTIATE(Cell::RNN_RELU)
+RNNKERNELS_FOR_EACH_CELL(RNNKERNELS_INSTANTIATE)
 
 }  // namespace rnnkernels

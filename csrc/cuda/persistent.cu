@@ -394,9 +394,6 @@ void persistent_backward(const PersistentPlan& plan, const RecurrenceDims& d, co
                                           const Tensor&, const Tensor&, const Tensor&, const Tensor&,              \
                                           const Tensor&, const Tensor&, const Tensor&, const Tensor&, Tensor&,     \
                                           Tensor&, Tensor&, Tensor&);
-RNNKERNELS_INSTANTIATE(Cell::LSTM)
-RNNKERNELS_INSTANTIATE(Cell::GRU)
-RNNKERNELS_INSTANTIATE(Cell::RNN_TANH)
-RNNKERNELS_INSTANTIATE(Cell::RNN_RELU)
+RNNKERNELS_FOR_EACH_CELL(RNNKERNELS_INSTANTIATE)
 
 }  // namespace rnnkernels::cuda

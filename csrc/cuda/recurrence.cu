@@ -177,9 +177,6 @@ Tensor linear_cuda(const Tensor& x, const Tensor& w, const std::optional<Tensor>
   template Tensors6 backward_cuda<cell>(const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&, \
                                         const std::optional<Tensor>&, const Tensor&, const std::optional<Tensor>&, \
                                         const std::optional<Tensor>&, bool, const Tensor&, const Tensor&);
-RNNKERNELS_INSTANTIATE(Cell::LSTM)
-RNNKERNELS_INSTANTIATE(Cell::GRU)
-RNNKERNELS_INSTANTIATE(Cell::RNN_TANH)
-RNNKERNELS_INSTANTIATE(Cell::RNN_RELU)
+RNNKERNELS_FOR_EACH_CELL(RNNKERNELS_INSTANTIATE)
 
 }  // namespace rnnkernels

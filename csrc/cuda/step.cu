@@ -190,9 +190,6 @@ Tensors3 step_cuda(const Tensor& x_in, const Tensor& h_in, const std::optional<T
   template Tensors3 step_cuda<cell>(const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,    \
                                     const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&,    \
                                     const std::optional<Tensor>&, bool);
-RNNKERNELS_INSTANTIATE(Cell::LSTM)
-RNNKERNELS_INSTANTIATE(Cell::GRU)
-RNNKERNELS_INSTANTIATE(Cell::RNN_TANH)
-RNNKERNELS_INSTANTIATE(Cell::RNN_RELU)
+RNNKERNELS_FOR_EACH_CELL(RNNKERNELS_INSTANTIATE)
 
 }  // namespace rnnkernels

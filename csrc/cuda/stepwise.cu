@@ -217,9 +217,6 @@ void stepwise_backward(const RecurrenceDims& d, const Steps& steps, const Tensor
   template void stepwise_backward<cell>(const RecurrenceDims&, const Steps&, const Tensor&, Tensor&, Tensor&,      \
                                         const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, \
                                         const Tensor&, const Tensor&, Tensor&, Tensor&, Tensor&, Tensor&);
-RNNKERNELS_INSTANTIATE(Cell::LSTM)
-RNNKERNELS_INSTANTIATE(Cell::GRU)
-RNNKERNELS_INSTANTIATE(Cell::RNN_TANH)
-RNNKERNELS_INSTANTIATE(Cell::RNN_RELU)
+RNNKERNELS_FOR_EACH_CELL(RNNKERNELS_INSTANTIATE)
 
 }  // namespace rnnkernels::cuda
