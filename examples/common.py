@@ -141,14 +141,17 @@ class Runs(list):
             parts.append(f"{name}: {text}")
         print(f"{label}  " + "  ".join(parts), flush=True)
 
-    def summary(self, unit: str) -> str:
+    def finish(self, plot: Path, title: str, unit: str, log_scale: tuple[str, ...] = ()) -> None:
+        """The end of an example: the plot of the curves and the summary line."""
+        plot_curves(self, plot, title, log_scale)
+        self.summary(unit)
+
+    def summary(self, unit: str) -> None:
         """The closing line: throughput of each run and the speed-up of the twin over torch.nn."""
         parts = [f"{run.name} {run.items / run.seconds:,.0f} {unit}/s ({run.seconds:.1f} s training)" for run in self]
         if len(self) == 2:
             parts.append(f"speed-up {self[0].seconds / self[1].seconds:.2f}x")
-        line = f"summary: {self.steps} steps | " + " | ".join(parts)
-        print(line, flush=True)
-        return line
+        print(f"summary: {self.steps} steps | " + " | ".join(parts), flush=True)
 
 
 def build_runs(args: argparse.Namespace, make_model: Callable[[], nn.Module],
@@ -190,11 +193,11 @@ def pyplot(path: Path):
     return pyplot
 
 
-def plot_curves(runs: Runs, path: Path, title: str, log_scale: tuple[str, ...] = ()) -> Path | None:
-    """One panel per recorded curve, one line per run; returns the path, or None without matplotlib."""
+def plot_curves(runs: Runs, path: Path, title: str, log_scale: tuple[str, ...] = ()) -> None:
+    """One panel per recorded curve, one line per run (nothing without matplotlib)."""
     plt = pyplot(path)
     if plt is None:
-        return None
+        return
     names = list(runs[0].curves)
     figure, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.8), squeeze=False)
     for axis, name in zip(axes[0], names):
@@ -211,7 +214,6 @@ def plot_curves(runs: Runs, path: Path, title: str, log_scale: tuple[str, ...] =
     figure.savefig(path, dpi=110)
     plt.close(figure)
     print(f"plot: {path}")
-    return path
 
 
 # --- text ----------------------------------------------------------------------------------------

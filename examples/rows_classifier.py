@@ -131,9 +131,8 @@ def main(argv: list[str] | None = None) -> common.Runs:
         runs.log(f"epoch {epoch}/{args.epochs}", {"train loss": losses,
                                                    "test accuracy": [accuracy(r.model, test_x, test_y) for r in runs]})
 
-    common.plot_curves(runs, args.out / "rows_classifier.png", f"rows_classifier: {args.cell}, {origin}",
-                       log_scale=("train loss",))
-    runs.summary("images")
+    runs.finish(args.out / "rows_classifier.png", f"rows_classifier: {args.cell}, {origin}", "images",
+                log_scale=("train loss",))
     return runs
 
 

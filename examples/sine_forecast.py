@@ -116,10 +116,9 @@ def main(argv: list[str] | None = None) -> common.Runs:
         runs.log(f"epoch {epoch}/{args.epochs}", {"train MSE": losses,
                                                    "roll-out MSE": [F.mse_loss(f, truth).item() for f in futures]})
 
-    common.plot_curves(runs, args.out / "sine_forecast-loss.png", f"sine_forecast: {args.cell}",
-                       log_scale=("train MSE", "roll-out MSE"))
     plot_forecasts(runs, past, truth, futures, args.out / "sine_forecast.png")
-    runs.summary("values")
+    runs.finish(args.out / "sine_forecast-loss.png", f"sine_forecast: {args.cell}", "values",
+                log_scale=("train MSE", "roll-out MSE"))
     return runs
 
 

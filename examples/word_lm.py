@@ -164,9 +164,8 @@ def main(argv: list[str] | None = None) -> common.Runs:
         valid_ppl = [validation_perplexity(run.model, valid, args.bptt) for run in runs]
         runs.log(f"epoch {epoch}/{args.epochs}", {"validation perplexity": valid_ppl}, ".2f")
 
-    common.plot_curves(runs, args.out / "word_lm.png", f"word_lm: {args.size} LSTM, {origin}",
-                       log_scale=("train perplexity",))
-    runs.summary("tokens")
+    runs.finish(args.out / "word_lm.png", f"word_lm: {args.size} LSTM, {origin}", "tokens",
+                log_scale=("train perplexity",))
     return runs
 
 
