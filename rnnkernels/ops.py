@@ -141,16 +141,15 @@ def _step_autograd_backward(cell: str):
             w_hr, None, False, h_next.unsqueeze(0), workspace.unsqueeze(0),
         )
         grad_gx, grad_h, grad_c, grad_w_hh, grad_b_hh, grad_w_hr = grads
-        grad_gx = grad_gx[0]
-        project = torch.ops.rnnkernels.linear
         needs = ctx.needs_input_grad
+        grad_x, grad_w_ih, grad_b_ih = _projection_grads(grad_gx[0], x, w_ih, needs[0], needs[3], ctx.has_biases[0])
         return (
-            project(grad_gx, w_ih.t(), None) if needs[0] else None,
+            grad_x,
             grad_h,
             grad_c if cell == "lstm" else None,
-            project(grad_gx.t(), x.t(), None) if needs[3] else None,
+            grad_w_ih,
             grad_w_hh,
-            grad_gx.sum(0) if ctx.has_biases[0] else None,
+            grad_b_ih,
             grad_b_hh if ctx.has_biases[1] else None,
             grad_w_hr if w_hr is not None else None,
             None,
@@ -165,14 +164,19 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.has_bias = b is not None
 
 
+def _projection_grads(grad, x, w, needs_x: bool, needs_w: bool, needs_b: bool):
+    """(grad_x, grad_w, grad_b) of x w^T + b from the gradient of the result; None where not needed."""
+    linear = torch.ops.rnnkernels.linear
+    grad_x = linear(grad, w.t(), None) if needs_x else None
+    grad_w = linear(grad.t(), x.t(), None) if needs_w else None
+    return grad_x, grad_w, (grad.sum(0) if needs_b else None)
+
+
 def _linear_backward(ctx, grad):
     x, w = ctx.saved_tensors
     grad = grad.contiguous()  # one copy of a broadcast gradient, not one per slice of the GEMMs
-    linear = torch.ops.rnnkernels.linear
-    grad_x = linear(grad, w.t(), None) if ctx.needs_input_grad[0] else None
-    grad_w = linear(grad.t(), x.t(), None) if ctx.needs_input_grad[1] else None
-    grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return grad_x, grad_w, grad_b
+    needs = ctx.needs_input_grad
+    return _projection_grads(grad, x, w, needs[0], needs[1], ctx.has_bias and needs[2])
 
 
 def register_recurrence_ops(prefix: str) -> None:
