@@ -87,19 +87,20 @@ struct alignas(16) Vec {
 // p 16-byte aligned. load_l2 bypasses L1, which is not coherent across blocks: for data that other blocks
 // of a persistent kernel write while it runs. load_shared / load_readonly for data nobody writes meanwhile.
 template <typename scalar_t>
-__device__ __forceinline__ Vec<scalar_t> load_l2(const scalar_t* p) {
-  const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(p));
+__device__ __forceinline__ Vec<scalar_t> as_vec(uint4 raw) {
   Vec<scalar_t> v;
   __builtin_memcpy(&v, &raw, sizeof(v));
   return v;
 }
 
 template <typename scalar_t>
+__device__ __forceinline__ Vec<scalar_t> load_l2(const scalar_t* p) {
+  return as_vec<scalar_t>(__ldcg(reinterpret_cast<const uint4*>(p)));
+}
+
+template <typename scalar_t>
 __device__ __forceinline__ Vec<scalar_t> load_readonly(const scalar_t* p) {
-  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-  Vec<scalar_t> v;
-  __builtin_memcpy(&v, &raw, sizeof(v));
-  return v;
+  return as_vec<scalar_t>(__ldg(reinterpret_cast<const uint4*>(p)));
 }
 
 template <typename scalar_t>
