@@ -9,7 +9,6 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cstring>
-#include <vector>
 
 #include "../cell_math.h"
 #include "../recurrence_args.h"
@@ -70,10 +69,6 @@ Tensor blas_linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>
 Tensor columns(const Tensor& m, int64_t k, int64_t count) {
   const Tensor slice = m.narrow(1, k, count);
   return slice.is_contiguous() || slice.t().is_contiguous() ? slice : slice.contiguous();
-}
-
-std::optional<Tensor> contiguous(const std::optional<Tensor>& t) {
-  return t.has_value() ? std::optional<Tensor>(t->contiguous()) : std::nullopt;
 }
 
 // x w^T (+ b) for a GEMM done once per call: the input projection and the whole-sequence weight

@@ -22,10 +22,6 @@ using at::Tensor;
 using cuda::PersistentPlan;
 using cuda::Steps;
 
-std::optional<Tensor> contiguous(const std::optional<Tensor>& t) {
-  return t.has_value() ? std::optional<Tensor>(t->contiguous()) : std::nullopt;
-}
-
 // The persistent plan for this case, or one saying why not, which sends it down the stepwise path.
 // RNNKERNELS_CUDA_PATH=persistent|stepwise forces a path (tests run both); a forced persistent path that
 // cannot run raises with the reason rather than quietly testing the other path.

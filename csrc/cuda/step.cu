@@ -149,10 +149,6 @@ void fused_step(const RecurrenceDims& d, const Tensor& x, const Tensor& h, const
   });
 }
 
-std::optional<Tensor> contiguous(const std::optional<Tensor>& t) {
-  return t.has_value() ? std::optional<Tensor>(t->contiguous()) : std::nullopt;
-}
-
 }  // namespace
 
 template <Cell cell>
