@@ -42,8 +42,16 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 DEFAULT_CUDA_ARCHS = "8.0;9.0"  # A100 and H100
 
 
+def openmp_flags():
+    """at::parallel_for is a header template that runs on one thread unless the extension itself is
+    compiled with OpenMP; the link then names libgomp.so.1, which resolves to the copy torch has loaded."""
+    if platform.system() == "Linux" and torch.backends.openmp.is_available():
+        return ["-fopenmp"]
+    return []
+
+
 def cxx_flags():
-    flags = ["-O3"]
+    flags = ["-O3"] + openmp_flags()
     arch = os.environ.get("RNNKERNELS_CPU_ARCH", "native")
     if arch and platform.machine() in ("x86_64", "AMD64"):
         flags.append(f"-march={arch}")
@@ -78,7 +86,9 @@ def nvcc_flags():
 def extension():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     if not build_cuda():
-        return CppExtension("rnnkernels._C", sources, extra_compile_args={"cxx": cxx_flags()})
+        return CppExtension(
+            "rnnkernels._C", sources, extra_compile_args={"cxx": cxx_flags()}, extra_link_args=openmp_flags()
+        )
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
     return CUDAExtension(
@@ -87,6 +97,7 @@ def extension():
         include_dirs=nvidia_wheel_includes(),
         define_macros=[("RNNKERNELS_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx_flags(), "nvcc": nvcc_flags()},
+        extra_link_args=openmp_flags(),
     )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import check_twin, rnn_inputs, torch_module, twin
+from helpers import RNN_KINDS, check_twin, rnn_inputs, torch_module, twin
 from rnnkernels import ops
 
 pytestmark = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="compiled extension not loaded")
@@ -46,3 +46,15 @@ def test_results_do_not_depend_on_thread_count():
         torch.set_num_threads(before)
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(results[0][1], results[1][1], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("packed", [None, "unsorted"], ids=["plain", "packed"])
+@pytest.mark.parametrize("kind", list(RNN_KINDS))
+def test_float32_partial_tiles_and_chunks(kind, packed, two_threads):
+    """float32 on the panel kernels (csrc/cpu/panels.h): a hidden size that leaves part of the last block
+    of units, a batch that splits into uneven row tiles, and T * B past the 256-row chunks of the weight
+    gradients."""
+    m = torch_module(kind, dtype=torch.float32, input_size=19, hidden_size=70, bidirectional=True)
+    t = twin(m, "cpu")
+    x, hx = rnn_inputs(m, T=23, B=13, hx=True, packed=packed)
+    check_twin(m, t, x, hx)

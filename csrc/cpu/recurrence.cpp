@@ -12,6 +12,7 @@
 
 #include "../cell_math.h"
 #include "../recurrence_args.h"
+#include "panels.h"
 
 namespace rnnkernels {
 namespace {
@@ -65,31 +66,41 @@ Tensor blas_linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>
   return b.has_value() ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
 }
 
-// Columns [k, k + count) of a matrix, contiguous or the transpose of contiguous.
-Tensor columns(const Tensor& m, int64_t k, int64_t count) {
-  const Tensor slice = m.narrow(1, k, count);
-  return slice.is_contiguous() || slice.t().is_contiguous() ? slice : slice.contiguous();
+// x w^T (+ b) as one GEMM. oneDNN copies any x that is not contiguous, and takes w contiguous or
+// transposed (other strides send it down a reference path hundreds of times slower).
+Tensor product(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+  if (!use_onednn(w, x.size(0))) return blas_linear(x, w, b);
+  const bool w_ok = w.is_contiguous() || w.t().is_contiguous();
+  return onednn_linear(x.contiguous(), w_ok ? w : w.contiguous(), b);
 }
 
-// x w^T (+ b) for a GEMM done once per call: the input projection and the whole-sequence weight
-// gradients, with K up to T*B. One running sum over all of K is up to several times less accurate
-// than torch.nn, whose per-op path sums per step or in the BLAS's blocks (oneDNN keeps one running sum,
-// and so does MKL for skinny products); adding up products over slices of at most kSlice columns
-// brings the error back to torch.nn's.
+bool is_transposed(const Tensor& m) {
+  return !m.is_contiguous() && m.t().is_contiguous();
+}
+
+// x w^T (+ b) for a GEMM done once per call. Where x and w are both transposed views the product is
+// A^T B, a sum over the rows of A and B: the whole-sequence weight gradients, over T*B rows that
+// torch.nn adds up step by step. One running sum over all of them is up to several times less accurate
+// (oneDNN keeps one, and so does MKL for skinny products); sums over chunks of at most kChunk rows, then
+// added, bring the error back to torch.nn's. The float32 panel kernels do that inside the product; the
+// fallback slices the GEMM, and since oneDNN copies a transposed x, gives x's role to the smaller operand.
+// The other products sum over features in one running sum, as torch.nn's own do.
 Tensor linear_once(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b_in) {
-  constexpr int64_t kSlice = 256;
+  constexpr int64_t kChunk = 256;
   const std::optional<Tensor> b = contiguous(b_in);
-  const bool onednn = use_onednn(w, x.size(0));
-  if (w.size(1) == 0) return blas_linear(x, w, b);
+  const int64_t K = w.size(1);
+  if (!is_transposed(x) || !is_transposed(w) || K <= kChunk) return product(x, w, b);
+  if (kPanelGemm && x.scalar_type() == at::kFloat && !b.has_value()) return panel_matmul_tn(x.t(), w.t(), kChunk);
+  const bool swap = !b.has_value() && w.size(0) < x.size(0);
+  const Tensor& left = swap ? w : x;
+  const Tensor& right = swap ? x : w;
   Tensor y;
-  for (int64_t k = 0; k < w.size(1); k += kSlice) {
-    const int64_t count = std::min(kSlice, w.size(1) - k);
-    const Tensor xs = columns(x, k, count), ws = columns(w, k, count);
-    const std::optional<Tensor> bias = k == 0 ? b : std::nullopt;
-    const Tensor part = onednn ? onednn_linear(xs, ws, bias) : blas_linear(xs, ws, bias);
+  for (int64_t k = 0; k < K; k += kChunk) {
+    const int64_t count = std::min(kChunk, K - k);
+    const Tensor part = product(left.narrow(1, k, count), right.narrow(1, k, count), k == 0 ? b : std::nullopt);
     y = k == 0 ? part : y.add_(part);
   }
-  return y;
+  return swap ? y.t().contiguous() : y;
 }
 
 // h -> h w^T (+ b) for the recurrent GEMM of each of `steps` time steps on `rows` rows. Its reduction
@@ -112,8 +123,7 @@ class StepLinear {
   bool onednn_;
 };
 
-// a^T b for row-major a (K, M) and b (K, N): the whole-sequence weight gradients. oneDNN reads the
-// transposed views in place, and their column slices stay transposed-contiguous.
+// a^T b for row-major a (K, M) and b (K, N): the whole-sequence weight gradients.
 Tensor matmul_tn(const Tensor& a, const Tensor& b) {
   return linear_once(a.t(), b.t(), std::nullopt);
 }
@@ -153,38 +163,41 @@ scalar_t* row(const Tensor& t, int64_t index, int64_t width) {
   return t.data_ptr<scalar_t>() + index * width;
 }
 
-// Row kernels: one (t, b) over the hidden units. Separate functions with restrict-qualified pointers
-// so that the compiler vectorises them (float: the host math in cell_math.h has no calls or branches).
+// Row kernels: one (t, b) over `n` hidden units, the gates of a unit `xs` apart in x and the workspace
+// and `rs` apart in the recurrent part r (H for a whole row; 16 for a tile of the panel kernels).
+// Separate functions with restrict-qualified pointers so that the compiler vectorises them (float: the
+// host math in cell_math.h has no calls or branches).
 template <bool keep, typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
 void lstm_forward_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, scalar_t* __restrict__ ws,
-                      scalar_t* __restrict__ c, scalar_t* __restrict__ h, int64_t H) {
-  for (int64_t j = 0; j < H; ++j) {
-    const LstmForward<opmath_t> s(opmath_t(x[j]) + opmath_t(r[j]), opmath_t(x[H + j]) + opmath_t(r[H + j]),
-                                  opmath_t(x[2 * H + j]) + opmath_t(r[2 * H + j]),
-                                  opmath_t(x[3 * H + j]) + opmath_t(r[3 * H + j]), opmath_t(c[j]));
+                      scalar_t* __restrict__ c, scalar_t* __restrict__ h, int64_t n, int64_t xs, int64_t rs) {
+  for (int64_t j = 0; j < n; ++j) {
+    const LstmForward<opmath_t> s(opmath_t(x[j]) + opmath_t(r[j]), opmath_t(x[xs + j]) + opmath_t(r[rs + j]),
+                                  opmath_t(x[2 * xs + j]) + opmath_t(r[2 * rs + j]),
+                                  opmath_t(x[3 * xs + j]) + opmath_t(r[3 * rs + j]), opmath_t(c[j]));
     if constexpr (keep) {
       ws[j] = s.i;
-      ws[H + j] = s.f;
-      ws[2 * H + j] = s.g;
-      ws[3 * H + j] = s.o;
-      ws[4 * H + j] = s.c;
+      ws[xs + j] = s.f;
+      ws[2 * xs + j] = s.g;
+      ws[3 * xs + j] = s.o;
+      ws[4 * xs + j] = s.c;
     }
     c[j] = s.c;
     h[j] = s.h;
   }
 }
 
+// h_prev and h may be the same row (the state updated in place).
 template <bool keep, typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
 void gru_forward_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, scalar_t* __restrict__ ws,
-                     scalar_t* __restrict__ h, int64_t H) {
-  for (int64_t j = 0; j < H; ++j) {
-    const GruForward<opmath_t> s(opmath_t(x[j]) + opmath_t(r[j]), opmath_t(x[H + j]) + opmath_t(r[H + j]),
-                                 opmath_t(x[2 * H + j]), opmath_t(r[2 * H + j]), opmath_t(h[j]));
+                     const scalar_t* h_prev, scalar_t* h, int64_t n, int64_t xs, int64_t rs) {
+  for (int64_t j = 0; j < n; ++j) {
+    const GruForward<opmath_t> s(opmath_t(x[j]) + opmath_t(r[j]), opmath_t(x[xs + j]) + opmath_t(r[rs + j]),
+                                 opmath_t(x[2 * xs + j]), opmath_t(r[2 * rs + j]), opmath_t(h_prev[j]));
     if constexpr (keep) {
       ws[j] = s.r;
-      ws[H + j] = s.z;
-      ws[2 * H + j] = s.n;
-      ws[3 * H + j] = r[2 * H + j];
+      ws[xs + j] = s.z;
+      ws[2 * xs + j] = s.n;
+      ws[3 * xs + j] = r[2 * rs + j];
     }
     h[j] = s.h;
   }
@@ -192,8 +205,8 @@ void gru_forward_row(const scalar_t* __restrict__ x, const scalar_t* __restrict_
 
 template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
 void rnn_forward_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, scalar_t* __restrict__ h,
-                     int64_t H, bool relu) {
-  for (int64_t j = 0; j < H; ++j) h[j] = rnn_forward(opmath_t(x[j]) + opmath_t(r[j]), relu);
+                     int64_t n, bool relu) {
+  for (int64_t j = 0; j < n; ++j) h[j] = rnn_forward(opmath_t(x[j]) + opmath_t(r[j]), relu);
 }
 
 template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
@@ -241,12 +254,73 @@ void rnn_backward_row(const scalar_t* __restrict__ dh, const scalar_t* __restric
   for (int64_t j = 0; j < H; ++j) dx[j] = rnn_backward(opmath_t(dh[j]), opmath_t(h[j]), relu);
 }
 
+// Whether the panel kernels (panels.h) run a float32 recurrence of `steps` steps: built for AVX-512, no
+// projection (its second product per step stays below), and enough steps to repay packing the weight.
+bool use_panels(int64_t steps, bool projected) {
+  constexpr int64_t kPackFromSteps = 4;
+  return kPanelGemm && !projected && steps >= kPackFromSteps;
+}
+
+// The forward sweep on the panel kernels: per step one parallel pass in which each tile's recurrent
+// product goes straight into its cells. Every tile reads the whole previous state, so the new one is
+// written elsewhere: into the output row of the step itself where all sequences run every step, else
+// into a second state buffer (a finished sequence keeps its state but must output zeros).
+template <Cell cell>
+void forward_panels(const RecurrenceDims& d, const Steps& steps, const Tensor& gx, const Tensor& w_hh,
+                    const std::optional<Tensor>& b_hh, Tensor& h, Tensor& c, Tensor& output, Tensor& workspace) {
+  const int64_t B = d.B, H = d.H, GH = d.G * d.H, W = workspace_width(cell, H);
+  const bool keep = workspace.size(2) > 0, state_in_output = steps.lengths == nullptr;
+  const PanelWeight pw = pack_panels(w_hh, b_hh, d.G);
+  const int64_t width = pw.panels * kLanes;
+  Tensor h_other = state_in_output ? Tensor() : at::empty_like(h);
+  const float* const gx_data = gx.data_ptr<float>();
+  float* const ws_data = keep ? workspace.data_ptr<float>() : nullptr;
+  float* const c_data = cell == Cell::LSTM ? c.data_ptr<float>() : nullptr;
+  const float* cur = h.data_ptr<float>();
+  for (int64_t step = 0; step < d.T; ++step) {
+    const int64_t t = steps.time(step);
+    float* const out_t = row<float>(output, t * B, H);
+    float* const next = state_in_output ? out_t : (step % 2 ? h : h_other).data_ptr<float>();
+    panel_product(pw, PanelRows{cur, B, H, 1, H}, [&](int64_t blk, int64_t r0, int rows, const float* tile) {
+      const int64_t j0 = blk * pw.units, n = std::min(pw.units, H - j0);
+      for (int r = 0; r < rows; ++r) {
+        const int64_t b = r0 + r;
+        const float* h_prev = cur + b * H + j0;
+        float* h_next = next + b * H + j0;
+        if (!steps.active(t, b)) {
+          std::memcpy(h_next, h_prev, sizeof(float) * n);
+          continue;
+        }
+        const float* x = gx_data + (t * B + b) * GH + j0;
+        const float* pre = tile + r * width;
+        float* ws = keep ? ws_data + (t * B + b) * W + j0 : nullptr;
+        if constexpr (cell == Cell::LSTM) {
+          float* c_row = c_data + b * H + j0;
+          keep ? lstm_forward_row<true>(x, pre, ws, c_row, h_next, n, H, kLanes)
+               : lstm_forward_row<false>(x, pre, ws, c_row, h_next, n, H, kLanes);
+        } else if constexpr (cell == Cell::GRU) {
+          keep ? gru_forward_row<true>(x, pre, ws, h_prev, h_next, n, H, kLanes)
+               : gru_forward_row<false>(x, pre, ws, h_prev, h_next, n, H, kLanes);
+        } else {
+          rnn_forward_row(x, pre, h_next, n, cell == Cell::RNN_RELU);
+        }
+        if (!state_in_output) std::memcpy(out_t + b * H + j0, h_next, sizeof(float) * n);
+      }
+    });
+    cur = next;
+  }
+  if (cur != h.data_ptr<float>()) h.copy_(at::from_blob(const_cast<float*>(cur), {B, H}, h.options()));
+}
+
 template <Cell cell, typename scalar_t>
 void forward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gx, const Tensor& w_hh,
                   const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr, Tensor& h,
                   Tensor& c, Tensor& output, Tensor& workspace) {
   const int64_t T = d.T, B = d.B, H = d.H, P = d.P, GH = d.G * d.H, W = workspace_width(cell, H);
   const bool projected = w_hr.has_value(), keep = workspace.size(2) > 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (use_panels(T, projected)) return forward_panels<cell>(d, steps, gx, w_hh, b_hh, h, c, output, workspace);
+  }
   Tensor m = projected ? at::empty({B, H}, gx.options()) : Tensor();
   const StepLinear recurrent(w_hh, b_hh, B, T);
   const std::optional<StepLinear> projection =
@@ -262,9 +336,10 @@ void forward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gx,
       if constexpr (cell == Cell::LSTM) {
         scalar_t* c_row = row<scalar_t>(c, b, H);
         scalar_t* h_row = projected ? row<scalar_t>(m, b, H) : hb;
-        keep ? lstm_forward_row<true>(x, r, ws, c_row, h_row, H) : lstm_forward_row<false>(x, r, ws, c_row, h_row, H);
+        keep ? lstm_forward_row<true>(x, r, ws, c_row, h_row, H, H, H)
+             : lstm_forward_row<false>(x, r, ws, c_row, h_row, H, H, H);
       } else if constexpr (cell == Cell::GRU) {
-        keep ? gru_forward_row<true>(x, r, ws, hb, H) : gru_forward_row<false>(x, r, ws, hb, H);
+        keep ? gru_forward_row<true>(x, r, ws, hb, hb, H, H, H) : gru_forward_row<false>(x, r, ws, hb, hb, H, H, H);
       } else {
         rnn_forward_row(x, r, hb, H, cell == Cell::RNN_RELU);
       }
@@ -288,7 +363,13 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t T = d.T, B = d.B, H = d.H, P = d.P, GH = d.G * d.H, W = workspace_width(cell, H);
   const bool projected = w_hr.has_value();
-  const StepLinear recurrent_t(w_hh.t(), std::nullopt, B, T);
+  // dL/dh_{t-1} = dL/dgates W_hh: on the panel kernels (W_hh^T packed), or one oneDNN/BLAS product a step.
+  constexpr bool is_float = std::is_same_v<scalar_t, float>;
+  const bool panels = is_float && use_panels(T, projected);
+  const std::optional<PanelWeight> panel_t =
+      panels ? std::optional<PanelWeight>(pack_panels(w_hh.t(), std::nullopt, 1)) : std::nullopt;
+  const std::optional<StepLinear> recurrent_t =
+      panels ? std::nullopt : std::optional<StepLinear>(std::in_place, w_hh.t(), std::nullopt, B, T);
   const std::optional<StepLinear> projection_t =
       projected ? std::optional<StepLinear>(std::in_place, w_hr->t(), std::nullopt, B, T) : std::nullopt;
   Tensor dh_direct = cell == Cell::GRU ? at::empty({B, H}, dh.options()) : Tensor();
@@ -318,17 +399,31 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
         rnn_backward_row(g, row<scalar_t>(output, t * B + b, P), dx, H, cell == Cell::RNN_RELU);
       }
     });
-    const Tensor dh_rec = recurrent_t(grad_gh[t]).contiguous();
-    for_active_rows(steps, t, B, P, [&](int64_t b) {
-      scalar_t* __restrict__ g = row<scalar_t>(dh, b, P);
-      const scalar_t* __restrict__ rec = row<scalar_t>(dh_rec, b, P);
+    // Units [j0, j0 + n) of row b of dL/dh_{t-1}, given their recurrent share rec.
+    const auto set_dh = [&](int64_t b, const scalar_t* __restrict__ rec, int64_t j0, int64_t n) {
+      scalar_t* __restrict__ g = row<scalar_t>(dh, b, P) + j0;
       if constexpr (cell == Cell::GRU) {
-        const scalar_t* __restrict__ direct = row<scalar_t>(dh_direct, b, H);
-        for (int64_t j = 0; j < P; ++j) g[j] = opmath_t(rec[j]) + opmath_t(direct[j]);
+        const scalar_t* __restrict__ direct = row<scalar_t>(dh_direct, b, H) + j0;
+        for (int64_t j = 0; j < n; ++j) g[j] = opmath_t(rec[j]) + opmath_t(direct[j]);
       } else {
-        std::memcpy(g, rec, sizeof(scalar_t) * P);
+        std::memcpy(g, rec, sizeof(scalar_t) * n);
       }
-    });
+    };
+    if constexpr (is_float) {
+      if (panels) {
+        const int64_t width = panel_t->panels * kLanes;
+        panel_product(*panel_t, PanelRows{row<float>(grad_gh, t * B, GH), B, GH, 1, GH},
+                   [&](int64_t blk, int64_t r0, int rows, const float* tile) {
+                     const int64_t j0 = blk * panel_t->units, n = std::min(panel_t->units, P - j0);
+                     for (int r = 0; r < rows; ++r) {
+                       if (steps.active(t, r0 + r)) set_dh(r0 + r, tile + r * width, j0, n);
+                     }
+                   });
+        continue;
+      }
+    }
+    const Tensor dh_rec = (*recurrent_t)(grad_gh[t]).contiguous();
+    for_active_rows(steps, t, B, P, [&](int64_t b) { set_dh(b, row<scalar_t>(dh_rec, b, P), 0, P); });
   }
 }
 
