@@ -29,17 +29,36 @@ constexpr bool kPanelGemm = false;
 
 constexpr int64_t kLanes = 16;  // float32 lanes of one AVX-512 register: the width of a panel
 
-// The packed weight. Block `blk` is a (K, panels * 16) row-major matrix: row k holds the weights of the
-// block's columns against input k, so the tile loop streams through it once per row group.
+// The right operand of a panel product. Block `blk` is a (K, panels * 16) row-major matrix, row k at
+// data + blk * block_stride + k * k_stride holding the weights of the block's columns against input k,
+// so the tile loop streams through it once per row group.
 struct PanelWeight {
-  at::Tensor data;        // (blocks, K, panels * 16)
+  at::Tensor storage;     // what data points into: a packed copy, or the operand itself
+  const float* data = nullptr;
+  int64_t k_stride = 0, block_stride = 0;
   at::Tensor bias;        // (blocks, panels * 16), zeros where there is no bias
   int64_t panels = 0;     // panels per block: 3 or 4
   int64_t units = 0;      // output units per block that the epilogue sees (16, or panels * 16)
   int64_t blocks = 0;
   int64_t K = 0;
-  int64_t gate_stride = 0;  // distance in W's rows between gates of one unit (H), or 0 for plain columns
+  int64_t columns = 0;    // columns that may be read: past them, the last block's loads are masked
 };
+
+// A row-major (K, N) matrix m as the right operand, read in place (products h m): blocks of 64 columns.
+inline PanelWeight panels_in_place(const at::Tensor& m) {
+  PanelWeight p;
+  p.storage = m.contiguous();
+  p.data = p.storage.data_ptr<float>();
+  p.panels = 4;
+  p.units = p.panels * kLanes;
+  p.K = m.size(0);
+  p.columns = m.size(1);
+  p.blocks = (p.columns + p.units - 1) / p.units;
+  p.k_stride = p.columns;
+  p.block_stride = p.units;
+  p.bias = at::zeros({p.blocks, p.units}, m.options());
+  return p;
+}
 
 // Packs w (N, K), given by strides so that a transposed view needs no copy. gates > 1 (LSTM 4, GRU 3):
 // N = gates * H and a block is the rows g * H + j of 16 units j; gates == 1: a block is 64 rows.
@@ -52,25 +71,40 @@ inline PanelWeight pack_panels(const at::Tensor& w, const std::optional<at::Tens
   p.units = gates > 1 ? kLanes : p.panels * kLanes;
   p.blocks = (H + p.units - 1) / p.units;
   p.K = K;
-  p.gate_stride = gates > 1 ? H : 0;
   const int64_t width = p.panels * kLanes;
-  p.data = at::zeros({p.blocks, K, width}, w.options());
+  p.columns = p.blocks * width;
+  p.k_stride = width;
+  p.block_stride = K * width;
+  p.storage = at::zeros({p.blocks, K, width}, w.options());
+  p.data = p.storage.data_ptr<float>();
   p.bias = at::zeros({p.blocks, width}, w.options());
   const float* src = w.data_ptr<float>();
   const int64_t sn = w.stride(0), sk = w.stride(1);
   const float* bias = b.has_value() ? b->data_ptr<float>() : nullptr;
-  float* dst = p.data.data_ptr<float>();
+  float* dst = p.storage.data_ptr<float>();
   float* dst_bias = p.bias.data_ptr<float>();
   at::parallel_for(0, p.blocks, 1, [&](int64_t begin, int64_t end) {
+    int64_t source[4 * kLanes];  // per column of the block, its row of w (gate col / 16 of unit blk * 16 +
+                                 // col % 16, or a plain column), or -1 past H
     for (int64_t blk = begin; blk < end; ++blk) {
       for (int64_t col = 0; col < width; ++col) {
-        // Column col of the block: gate col / 16 of unit blk * 16 + col % 16, or plain column.
         const int64_t unit = gates > 1 ? blk * kLanes + col % kLanes : blk * p.units + col;
-        if (unit >= H) continue;
-        const int64_t n = gates > 1 ? (col / kLanes) * H + unit : unit;
-        if (bias) dst_bias[blk * width + col] = bias[n];
-        float* column = dst + blk * K * width + col;
-        for (int64_t k = 0; k < K; ++k) column[k * width] = src[n * sn + k * sk];
+        source[col] = unit >= H ? -1 : (gates > 1 ? (col / kLanes) * H + unit : unit);
+        if (bias && source[col] >= 0) dst_bias[blk * width + col] = bias[source[col]];
+      }
+      // Along whichever of w's dimensions is contiguous in memory.
+      float* block = dst + blk * K * width;
+      if (sk == 1) {
+        for (int64_t col = 0; col < width; ++col) {
+          const float* w_row = src + source[col] * sn;
+          for (int64_t k = 0; source[col] >= 0 && k < K; ++k) block[k * width + col] = w_row[k];
+        }
+      } else {
+        for (int64_t k = 0; k < K; ++k) {
+          for (int64_t col = 0; col < width; ++col) {
+            if (source[col] >= 0) block[k * width + col] = src[source[col] * sn + k * sk];
+          }
+        }
       }
     }
   });
@@ -78,32 +112,30 @@ inline PanelWeight pack_panels(const at::Tensor& w, const std::optional<at::Tens
 }
 
 #if defined(__AVX512F__)
-// out (rows, panels * 16) = bias + h[rows] W_block^T, where h[r][k] = h[r * row_stride + k * k_stride]. Each
-// element sums K in one running sum per chunk of `chunk` inputs, and the chunks' sums are then added.
+// out (rows, panels * 16) = bias + h[rows] W_block^T over inputs [k0, k1), or out += that sum without the
+// bias where `accumulate`; h[r][k] = h[r * row_stride + k * k_stride]. One running sum per element.
 template <int kRows, int kPanels>
 inline void panel_tile(const float* __restrict__ h, int64_t row_stride, int64_t k_stride,
-                       const float* __restrict__ w, const float* __restrict__ bias, int64_t K, int64_t chunk,
+                       const float* __restrict__ w, int64_t w_stride, const __mmask16* masks,
+                       const float* __restrict__ bias, int64_t k0, int64_t k1, bool accumulate,
                        float* __restrict__ out) {
-  for (int64_t k0 = 0; k0 < K; k0 += chunk) {
-    __m512 acc[kRows][kPanels];
-    for (int p = 0; p < kPanels; ++p) {
-      const __m512 b = k0 == 0 ? _mm512_loadu_ps(bias + p * kLanes) : _mm512_setzero_ps();
-      for (int r = 0; r < kRows; ++r) acc[r][p] = b;
-    }
-    const int64_t k1 = std::min(K, k0 + chunk);
-    for (int64_t k = k0; k < k1; ++k) {
-      __m512 wk[kPanels];
-      for (int p = 0; p < kPanels; ++p) wk[p] = _mm512_loadu_ps(w + (k * kPanels + p) * kLanes);
-      for (int r = 0; r < kRows; ++r) {
-        const __m512 x = _mm512_set1_ps(h[r * row_stride + k * k_stride]);
-        for (int p = 0; p < kPanels; ++p) acc[r][p] = _mm512_fmadd_ps(wk[p], x, acc[r][p]);
-      }
-    }
+  __m512 acc[kRows][kPanels];
+  for (int p = 0; p < kPanels; ++p) {
+    const __m512 b = accumulate ? _mm512_setzero_ps() : _mm512_loadu_ps(bias + p * kLanes);
+    for (int r = 0; r < kRows; ++r) acc[r][p] = b;
+  }
+  for (int64_t k = k0; k < k1; ++k) {
+    __m512 wk[kPanels];
+    for (int p = 0; p < kPanels; ++p) wk[p] = _mm512_maskz_loadu_ps(masks[p], w + k * w_stride + p * kLanes);
     for (int r = 0; r < kRows; ++r) {
-      for (int p = 0; p < kPanels; ++p) {
-        float* o = out + (r * kPanels + p) * kLanes;
-        _mm512_storeu_ps(o, k0 == 0 ? acc[r][p] : _mm512_add_ps(_mm512_loadu_ps(o), acc[r][p]));
-      }
+      const __m512 x = _mm512_set1_ps(h[r * row_stride + k * k_stride]);
+      for (int p = 0; p < kPanels; ++p) acc[r][p] = _mm512_fmadd_ps(wk[p], x, acc[r][p]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    for (int p = 0; p < kPanels; ++p) {
+      float* o = out + (r * kPanels + p) * kLanes;
+      _mm512_storeu_ps(o, accumulate ? _mm512_add_ps(_mm512_loadu_ps(o), acc[r][p]) : acc[r][p]);
     }
   }
 }
@@ -114,46 +146,74 @@ constexpr int kTileRows = kPanels == 3 ? 8 : 6;
 
 template <int kPanels, int kRows = kTileRows<kPanels>>
 inline void panel_tile_rows(int rows, const float* h, int64_t row_stride, int64_t k_stride, const float* w,
-                            const float* bias, int64_t K, int64_t chunk, float* out) {
+                            int64_t w_stride, const __mmask16* masks, const float* bias, int64_t k0, int64_t k1,
+                            bool accumulate, float* out) {
   if constexpr (kRows > 0) {
-    if (rows == kRows) return panel_tile<kRows, kPanels>(h, row_stride, k_stride, w, bias, K, chunk, out);
-    return panel_tile_rows<kPanels, kRows - 1>(rows, h, row_stride, k_stride, w, bias, K, chunk, out);
+    if (rows == kRows) {
+      return panel_tile<kRows, kPanels>(h, row_stride, k_stride, w, w_stride, masks, bias, k0, k1, accumulate,
+                                        out);
+    }
+    return panel_tile_rows<kPanels, kRows - 1>(rows, h, row_stride, k_stride, w, w_stride, masks, bias, k0, k1,
+                                               accumulate, out);
   }
 }
 #endif
 
 // The left operand of a panel product: element (r, k) at data[r * row_stride + k * k_stride], summed
-// over k in chunks of `chunk` (see panel_tile).
+// over k in chunks of `chunk` whose sums are then added.
 struct PanelRows {
   const float* data;
   int64_t rows, row_stride, k_stride, chunk;
 };
 
 // For every tile of (rows of h) x (block of W), epilogue(block, first row, rows, out) gets the tile's
-// result, out[r * panels * 16 + col], to finish. In a recurrence one call is one time step: the threads
-// split the blocks, each thread always the same ones, so that its panels stay in its cache.
+// result, out[r * panels * 16 + col], to finish. A task is a block and up to kTilesPerTask row tiles,
+// run chunk by chunk of K so that the chunk of the block stays in cache across its tiles. In a
+// recurrence one call is one time step: the threads split the blocks, each thread always the same
+// ones, so that its panels stay in its cache from step to step.
 template <typename Epilogue>
 void panel_product(const PanelWeight& w, const PanelRows& h, const Epilogue& epilogue) {
 #if defined(__AVX512F__)
+  constexpr int64_t kTilesPerTask = 8;
+  constexpr int64_t kTileFloats = 8 * 4 * kLanes;  // the largest tile: 8 rows of 3 panels, 6 of 4
   // As many tiles as the register budget needs, their rows spread evenly (32 rows: 6 tiles of 5 or 6,
   // not five of 6 and one of 2, which runs at a third of the speed).
   const int64_t max_rows = w.panels == 3 ? kTileRows<3> : kTileRows<4>;
   const int64_t width = w.panels * kLanes;
   const int64_t row_tiles = (h.rows + max_rows - 1) / max_rows;
-  const float* data = w.data.data_ptr<float>();
+  const int64_t groups = (row_tiles + kTilesPerTask - 1) / kTilesPerTask;
   const float* bias = w.bias.data_ptr<float>();
-  at::parallel_for(0, w.blocks * row_tiles, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float out[8 * 4 * kLanes];
+  at::parallel_for(0, w.blocks * groups, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float out[kTilesPerTask * kTileFloats];
+    __mmask16 masks[4];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t blk = task / row_tiles, tile = task % row_tiles;
-      const int64_t r0 = tile * h.rows / row_tiles;
-      const int n = static_cast<int>((tile + 1) * h.rows / row_tiles - r0);
-      const float* wb = data + blk * w.K * width;
-      const float* hb = h.data + r0 * h.row_stride;
-      w.panels == 3
-          ? panel_tile_rows<3>(n, hb, h.row_stride, h.k_stride, wb, bias + blk * width, w.K, h.chunk, out)
-          : panel_tile_rows<4>(n, hb, h.row_stride, h.k_stride, wb, bias + blk * width, w.K, h.chunk, out);
-      epilogue(blk, r0, n, static_cast<const float*>(out));
+      const int64_t blk = task / groups, first = (task % groups) * kTilesPerTask;
+      const int64_t last = std::min(row_tiles, first + kTilesPerTask);
+      for (int64_t p = 0; p < w.panels; ++p) {
+        const int64_t lanes = std::clamp<int64_t>(w.columns - blk * width - p * kLanes, 0, kLanes);
+        masks[p] = static_cast<__mmask16>((uint32_t{1} << lanes) - 1);
+      }
+      const float* wb = w.data + blk * w.block_stride;
+      const float* bb = bias + blk * width;
+      const auto first_row = [&](int64_t tile) { return tile * h.rows / row_tiles; };
+      for (int64_t k0 = 0; k0 < w.K; k0 += h.chunk) {
+        const int64_t k1 = std::min(w.K, k0 + h.chunk);
+        for (int64_t tile = first; tile < last; ++tile) {
+          const int64_t r0 = first_row(tile);
+          const int n = static_cast<int>(first_row(tile + 1) - r0);
+          const float* hb = h.data + r0 * h.row_stride;
+          float* o = out + (tile - first) * kTileFloats;
+          w.panels == 3 ? panel_tile_rows<3>(n, hb, h.row_stride, h.k_stride, wb, w.k_stride, masks, bb, k0, k1,
+                                             k0 > 0, o)
+                        : panel_tile_rows<4>(n, hb, h.row_stride, h.k_stride, wb, w.k_stride, masks, bb, k0, k1,
+                                             k0 > 0, o);
+        }
+      }
+      for (int64_t tile = first; tile < last; ++tile) {
+        const int64_t r0 = first_row(tile);
+        epilogue(blk, r0, static_cast<int>(first_row(tile + 1) - r0),
+                 static_cast<const float*>(out + (tile - first) * kTileFloats));
+      }
     }
   });
 #else
@@ -163,18 +223,26 @@ void panel_product(const PanelWeight& w, const PanelRows& h, const Epilogue& epi
 }
 
 // a^T b for row-major a (R, M) and b (R, N), float32: the whole-sequence weight gradients, summing over
-// the R = T * B rows in chunks of `chunk` (see linear_once in recurrence.cpp).
-inline at::Tensor panel_matmul_tn(const at::Tensor& a_in, const at::Tensor& b_in, int64_t chunk) {
-  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
-  const int64_t M = a.size(1), N = b.size(1);
-  const PanelWeight w = pack_panels(b.t(), std::nullopt, 1);
-  at::Tensor result = at::empty({M, N}, a.options());
+// the R = T * B rows in chunks of `chunk` (see linear_once in recurrence.cpp). The tiles read their rows
+// along K, so the operand with fewer columns is transposed into that role; the other is read in place.
+inline at::Tensor panel_matmul_tn(const at::Tensor& a, const at::Tensor& b, int64_t chunk) {
+  const bool swap = b.size(1) < a.size(1);  // then the tiles compute b^T a, the transpose of the result
+  const at::Tensor rows = (swap ? b : a).t().contiguous();
+  const PanelWeight w = panels_in_place(swap ? a : b);
+  const int64_t M = rows.size(0), N = w.columns, R = rows.size(1);
+  at::Tensor result = at::empty({a.size(1), b.size(1)}, a.options());
   float* dst = result.data_ptr<float>();
   const int64_t width = w.panels * kLanes;
-  panel_product(w, PanelRows{a.data_ptr<float>(), M, 1, M, chunk}, [&](int64_t blk, int64_t r0, int rows, const float* tile) {
-    const int64_t j0 = blk * w.units, n = std::min(w.units, N - j0);
-    for (int r = 0; r < rows; ++r) std::memcpy(dst + (r0 + r) * N + j0, tile + r * width, sizeof(float) * n);
-  });
+  panel_product(w, PanelRows{rows.data_ptr<float>(), M, R, 1, chunk},
+                [&](int64_t blk, int64_t r0, int tile_rows, const float* tile) {
+                  const int64_t j0 = blk * w.units, n = std::min(w.units, N - j0);
+                  for (int r = 0; r < tile_rows; ++r) {
+                    for (int64_t j = 0; j < n; ++j) {
+                      const float v = tile[r * width + j];
+                      swap ? dst[(j0 + j) * M + r0 + r] = v : dst[(r0 + r) * N + j0 + j] = v;
+                    }
+                  }
+                });
   return result;
 }
 

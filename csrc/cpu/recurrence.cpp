@@ -209,11 +209,12 @@ void rnn_forward_row(const scalar_t* __restrict__ x, const scalar_t* __restrict_
   for (int64_t j = 0; j < n; ++j) h[j] = rnn_forward(opmath_t(x[j]) + opmath_t(r[j]), relu);
 }
 
+// Backward row kernels: `n` units of one (t, b), the gates of a unit H apart.
 template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
 void lstm_backward_row(const scalar_t* __restrict__ dh, const scalar_t* __restrict__ ws,
                        const scalar_t* __restrict__ c_prev, scalar_t* __restrict__ dc, scalar_t* __restrict__ dx,
-                       int64_t H) {
-  for (int64_t j = 0; j < H; ++j) {
+                       int64_t n, int64_t H) {
+  for (int64_t j = 0; j < n; ++j) {
     const LstmBackward<opmath_t> s(opmath_t(dh[j]), opmath_t(dc[j]), opmath_t(ws[j]), opmath_t(ws[H + j]),
                                    opmath_t(ws[2 * H + j]), opmath_t(ws[3 * H + j]), opmath_t(ws[4 * H + j]),
                                    opmath_t(c_prev[j]));
@@ -227,15 +228,15 @@ void lstm_backward_row(const scalar_t* __restrict__ dh, const scalar_t* __restri
 
 // The projected LSTM's pre-projection output o * tanh(c), recomputed for dW_hr.
 template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
-void lstm_unprojected_row(const scalar_t* __restrict__ ws, scalar_t* __restrict__ m, int64_t H) {
-  for (int64_t j = 0; j < H; ++j) m[j] = opmath_t(ws[3 * H + j]) * Fn<opmath_t>::tanh(opmath_t(ws[4 * H + j]));
+void lstm_unprojected_row(const scalar_t* __restrict__ ws, scalar_t* __restrict__ m, int64_t n, int64_t H) {
+  for (int64_t j = 0; j < n; ++j) m[j] = opmath_t(ws[3 * H + j]) * Fn<opmath_t>::tanh(opmath_t(ws[4 * H + j]));
 }
 
 template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
 void gru_backward_row(const scalar_t* __restrict__ dh, const scalar_t* __restrict__ ws,
                       const scalar_t* __restrict__ h_prev, scalar_t* __restrict__ dx, scalar_t* __restrict__ dhh,
-                      scalar_t* __restrict__ direct, int64_t H) {
-  for (int64_t j = 0; j < H; ++j) {
+                      scalar_t* __restrict__ direct, int64_t n, int64_t H) {
+  for (int64_t j = 0; j < n; ++j) {
     const GruBackward<opmath_t> s(opmath_t(dh[j]), opmath_t(ws[j]), opmath_t(ws[H + j]), opmath_t(ws[2 * H + j]),
                                   opmath_t(ws[3 * H + j]), opmath_t(h_prev[j]));
     dx[j] = s.d_r;
@@ -250,8 +251,8 @@ void gru_backward_row(const scalar_t* __restrict__ dh, const scalar_t* __restric
 
 template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
 void rnn_backward_row(const scalar_t* __restrict__ dh, const scalar_t* __restrict__ h, scalar_t* __restrict__ dx,
-                      int64_t H, bool relu) {
-  for (int64_t j = 0; j < H; ++j) dx[j] = rnn_backward(opmath_t(dh[j]), opmath_t(h[j]), relu);
+                      int64_t n, bool relu) {
+  for (int64_t j = 0; j < n; ++j) dx[j] = rnn_backward(opmath_t(dh[j]), opmath_t(h[j]), relu);
 }
 
 // Whether the panel kernels (panels.h) run a float32 recurrence of `steps` steps: built for AVX-512, no
@@ -373,55 +374,75 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
   const std::optional<StepLinear> projection_t =
       projected ? std::optional<StepLinear>(std::in_place, w_hr->t(), std::nullopt, B, T) : std::nullopt;
   Tensor dh_direct = cell == Cell::GRU ? at::empty({B, H}, dh.options()) : Tensor();
+  // Adds the output's gradient at step t to units [j0, j0 + n) of dL/dh_t, row b.
+  const auto add_output_grad = [&](int64_t t, int64_t b, int64_t j0, int64_t n) {
+    scalar_t* __restrict__ g = row<scalar_t>(dh, b, P) + j0;
+    const scalar_t* __restrict__ go = row<scalar_t>(grad_output, t * B + b, P) + j0;
+    for (int64_t j = 0; j < n; ++j) g[j] = opmath_t(g[j]) + opmath_t(go[j]);
+    if (projected) std::memcpy(row<scalar_t>(dh_all, t * B + b, P) + j0, g, sizeof(scalar_t) * n);
+  };
+  // The gate gradients of step t for units [j0, j0 + n) of row b, from dL/dm_t there (g: dL/dh_t, or
+  // its share before the projection) and, for the LSTM, dL/dc_t (dc, which becomes dL/dc_{t-1}).
+  const auto gate_grads = [&](int64_t t, int64_t b, const scalar_t* g, int64_t j0, int64_t n) {
+    const bool first = steps.first(t, b);
+    const int64_t prev = steps.previous(t);
+    const scalar_t* ws = W ? row<scalar_t>(workspace, t * B + b, W) + j0 : nullptr;
+    scalar_t* dx = row<scalar_t>(grad_gx, t * B + b, GH) + j0;
+    if constexpr (cell == Cell::LSTM) {
+      const scalar_t* c_prev = first ? row<scalar_t>(c0, b, H) : row<scalar_t>(workspace, prev * B + b, W) + 4 * H;
+      lstm_backward_row(g, ws, c_prev + j0, row<scalar_t>(dc, b, H) + j0, dx, n, H);
+      if (projected) lstm_unprojected_row(ws, row<scalar_t>(m_all, t * B + b, H) + j0, n, H);
+    } else if constexpr (cell == Cell::GRU) {
+      const scalar_t* h_prev = first ? row<scalar_t>(h0, b, P) : row<scalar_t>(output, prev * B + b, P);
+      gru_backward_row(g, ws, h_prev + j0, dx, row<scalar_t>(grad_gh, t * B + b, GH) + j0,
+                       row<scalar_t>(dh_direct, b, H) + j0, n, H);
+    } else {
+      rnn_backward_row(g, row<scalar_t>(output, t * B + b, P) + j0, dx, n, cell == Cell::RNN_RELU);
+    }
+  };
+  // Units [j0, j0 + n) of row b of dL/dh_{t-1}, given their recurrent share rec.
+  const auto set_dh = [&](int64_t b, const scalar_t* __restrict__ rec, int64_t j0, int64_t n) {
+    scalar_t* __restrict__ g = row<scalar_t>(dh, b, P) + j0;
+    if constexpr (cell == Cell::GRU) {
+      const scalar_t* __restrict__ direct = row<scalar_t>(dh_direct, b, H) + j0;
+      for (int64_t j = 0; j < n; ++j) g[j] = opmath_t(rec[j]) + opmath_t(direct[j]);
+    } else {
+      std::memcpy(g, rec, sizeof(scalar_t) * n);
+    }
+  };
+  if constexpr (is_float) {
+    if (panels) {
+      // One parallel pass a step: each tile of dL/dh_{t-1} = dL/dgates_t W_hh goes straight on into the
+      // gate gradients of step t-1 for its units (all a unit's gates depend on only its own dL/dh, dL/dc).
+      const int64_t width = panel_t->panels * kLanes;
+      const int64_t t_last = steps.time(T - 1);
+      for_active_rows(steps, t_last, B, GH, [&](int64_t b) {
+        add_output_grad(t_last, b, 0, H);
+        gate_grads(t_last, b, row<float>(dh, b, H), 0, H);
+      });
+      for (int64_t step = T - 1; step >= 0; --step) {
+        const int64_t t = steps.time(step), t_next = step > 0 ? steps.time(step - 1) : -1;
+        panel_product(*panel_t, PanelRows{row<float>(grad_gh, t * B, GH), B, GH, 1, GH},
+                      [&](int64_t blk, int64_t r0, int rows, const float* tile) {
+                        const int64_t j0 = blk * panel_t->units, n = std::min(panel_t->units, H - j0);
+                        for (int r = 0; r < rows; ++r) {
+                          const int64_t b = r0 + r;
+                          if (steps.active(t, b)) set_dh(b, tile + r * width, j0, n);
+                          if (t_next >= 0 && steps.active(t_next, b)) {
+                            add_output_grad(t_next, b, j0, n);
+                            gate_grads(t_next, b, row<float>(dh, b, H) + j0, j0, n);
+                          }
+                        }
+                      });
+      }
+      return;
+    }
+  }
   for (int64_t step = T - 1; step >= 0; --step) {
     const int64_t t = steps.time(step);
-    for_active_rows(steps, t, B, P, [&](int64_t b) {
-      scalar_t* __restrict__ g = row<scalar_t>(dh, b, P);
-      const scalar_t* __restrict__ go = row<scalar_t>(grad_output, t * B + b, P);
-      for (int64_t j = 0; j < P; ++j) g[j] = opmath_t(g[j]) + opmath_t(go[j]);
-      if (projected) std::memcpy(row<scalar_t>(dh_all, t * B + b, P), g, sizeof(scalar_t) * P);
-    });
+    for_active_rows(steps, t, B, P, [&](int64_t b) { add_output_grad(t, b, 0, P); });
     const Tensor dm = projected ? (*projection_t)(dh).contiguous() : dh;
-    for_active_rows(steps, t, B, GH, [&](int64_t b) {
-      const bool first = steps.first(t, b);
-      const int64_t prev = steps.previous(t);
-      const scalar_t* ws = W ? row<scalar_t>(workspace, t * B + b, W) : nullptr;
-      const scalar_t* g = row<scalar_t>(dm, b, H);
-      scalar_t* dx = row<scalar_t>(grad_gx, t * B + b, GH);
-      if constexpr (cell == Cell::LSTM) {
-        const scalar_t* c_prev = first ? row<scalar_t>(c0, b, H) : row<scalar_t>(workspace, prev * B + b, W) + 4 * H;
-        lstm_backward_row(g, ws, c_prev, row<scalar_t>(dc, b, H), dx, H);
-        if (projected) lstm_unprojected_row(ws, row<scalar_t>(m_all, t * B + b, H), H);
-      } else if constexpr (cell == Cell::GRU) {
-        const scalar_t* h_prev = first ? row<scalar_t>(h0, b, P) : row<scalar_t>(output, prev * B + b, P);
-        gru_backward_row(g, ws, h_prev, dx, row<scalar_t>(grad_gh, t * B + b, GH), row<scalar_t>(dh_direct, b, H), H);
-      } else {
-        rnn_backward_row(g, row<scalar_t>(output, t * B + b, P), dx, H, cell == Cell::RNN_RELU);
-      }
-    });
-    // Units [j0, j0 + n) of row b of dL/dh_{t-1}, given their recurrent share rec.
-    const auto set_dh = [&](int64_t b, const scalar_t* __restrict__ rec, int64_t j0, int64_t n) {
-      scalar_t* __restrict__ g = row<scalar_t>(dh, b, P) + j0;
-      if constexpr (cell == Cell::GRU) {
-        const scalar_t* __restrict__ direct = row<scalar_t>(dh_direct, b, H) + j0;
-        for (int64_t j = 0; j < n; ++j) g[j] = opmath_t(rec[j]) + opmath_t(direct[j]);
-      } else {
-        std::memcpy(g, rec, sizeof(scalar_t) * n);
-      }
-    };
-    if constexpr (is_float) {
-      if (panels) {
-        const int64_t width = panel_t->panels * kLanes;
-        panel_product(*panel_t, PanelRows{row<float>(grad_gh, t * B, GH), B, GH, 1, GH},
-                   [&](int64_t blk, int64_t r0, int rows, const float* tile) {
-                     const int64_t j0 = blk * panel_t->units, n = std::min(panel_t->units, P - j0);
-                     for (int r = 0; r < rows; ++r) {
-                       if (steps.active(t, r0 + r)) set_dh(r0 + r, tile + r * width, j0, n);
-                     }
-                   });
-        continue;
-      }
-    }
+    for_active_rows(steps, t, B, GH, [&](int64_t b) { gate_grads(t, b, row<scalar_t>(dm, b, H), 0, H); });
     const Tensor dh_rec = (*recurrent_t)(grad_gh[t]).contiguous();
     for_active_rows(steps, t, B, P, [&](int64_t b) { set_dh(b, row<scalar_t>(dh_rec, b, P), 0, P); });
   }
