@@ -29,6 +29,11 @@ constexpr bool kPanelGemm = false;
 
 constexpr int64_t kLanes = 16;  // float32 lanes of one AVX-512 register: the width of a panel
 
+// Inputs per running sum: a panel product sums K in chunks of kChunk and then adds the chunks' sums, as
+// BLAS kernels split K. One running sum over thousands of inputs (the input gradient of ptb-medium sums
+// over 2600, a weight gradient over T * B) falls short of torch.nn's accuracy.
+constexpr int64_t kChunk = 256;
+
 // The right operand of a panel product. Block `blk` is a (K, panels * 16) row-major matrix, row k at
 // data + blk * block_stride + k * k_stride holding the weights of the block's columns against input k,
 // so the tile loop streams through it once per row group.
@@ -113,7 +118,7 @@ inline PanelWeight pack_panels(const at::Tensor& w, const std::optional<at::Tens
 
 #if defined(__AVX512F__)
 // out (rows, panels * 16) = bias + h[rows] W_block^T over inputs [k0, k1), or out += that sum without the
-// bias where `accumulate`; h[r][k] = h[r * row_stride + k * k_stride]. One running sum per element.
+// bias where `accumulate`; h[r][k] = h[r * row_stride + k * k_stride].
 template <int kRows, int kPanels>
 inline void panel_tile(const float* __restrict__ h, int64_t row_stride, int64_t k_stride,
                        const float* __restrict__ w, int64_t w_stride, const __mmask16* masks,
@@ -159,11 +164,10 @@ inline void panel_tile_rows(int rows, const float* h, int64_t row_stride, int64_
 }
 #endif
 
-// The left operand of a panel product: element (r, k) at data[r * row_stride + k * k_stride], summed
-// over k in chunks of `chunk` whose sums are then added.
+// The left operand of a panel product: element (r, k) at data[r * row_stride + k * k_stride].
 struct PanelRows {
   const float* data;
-  int64_t rows, row_stride, k_stride, chunk;
+  int64_t rows, row_stride, k_stride;
 };
 
 // For every tile of (rows of h) x (block of W), epilogue(block, first row, rows, out) gets the tile's
@@ -196,8 +200,8 @@ void panel_product(const PanelWeight& w, const PanelRows& h, const Epilogue& epi
       const float* wb = w.data + blk * w.block_stride;
       const float* bb = bias + blk * width;
       const auto first_row = [&](int64_t tile) { return tile * h.rows / row_tiles; };
-      for (int64_t k0 = 0; k0 < w.K; k0 += h.chunk) {
-        const int64_t k1 = std::min(w.K, k0 + h.chunk);
+      for (int64_t k0 = 0; k0 < w.K; k0 += kChunk) {
+        const int64_t k1 = std::min(w.K, k0 + kChunk);
         for (int64_t tile = first; tile < last; ++tile) {
           const int64_t r0 = first_row(tile);
           const int n = static_cast<int>(first_row(tile + 1) - r0);
@@ -223,9 +227,9 @@ void panel_product(const PanelWeight& w, const PanelRows& h, const Epilogue& epi
 }
 
 // a^T b for row-major a (R, M) and b (R, N), float32: the whole-sequence weight gradients, summing over
-// the R = T * B rows in chunks of `chunk` (see linear_once in recurrence.cpp). The tiles read their rows
-// along K, so the operand with fewer columns is transposed into that role; the other is read in place.
-inline at::Tensor panel_matmul_tn(const at::Tensor& a, const at::Tensor& b, int64_t chunk) {
+// the R = T * B rows. The tiles read their rows along K, so the operand with fewer columns is transposed
+// into that role; the other is read in place.
+inline at::Tensor panel_matmul_tn(const at::Tensor& a, const at::Tensor& b) {
   const bool swap = b.size(1) < a.size(1);  // then the tiles compute b^T a, the transpose of the result
   const at::Tensor rows = (swap ? b : a).t().contiguous();
   const PanelWeight w = panels_in_place(swap ? a : b);
@@ -233,7 +237,7 @@ inline at::Tensor panel_matmul_tn(const at::Tensor& a, const at::Tensor& b, int6
   at::Tensor result = at::empty({a.size(1), b.size(1)}, a.options());
   float* dst = result.data_ptr<float>();
   const int64_t width = w.panels * kLanes;
-  panel_product(w, PanelRows{rows.data_ptr<float>(), M, R, 1, chunk},
+  panel_product(w, PanelRows{rows.data_ptr<float>(), M, R, 1},
                 [&](int64_t blk, int64_t r0, int tile_rows, const float* tile) {
                   const int64_t j0 = blk * w.units, n = std::min(w.units, N - j0);
                   for (int r = 0; r < tile_rows; ++r) {
@@ -244,6 +248,21 @@ inline at::Tensor panel_matmul_tn(const at::Tensor& a, const at::Tensor& b, int6
                   }
                 });
   return result;
+}
+
+// x w^T (+ b) for row-major x (M, K) and w (N, K) given by any strides, float32.
+inline at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  const at::Tensor x = x_in.contiguous();
+  const PanelWeight pw = pack_panels(w, b, 1);
+  const int64_t M = x.size(0), N = w.size(0), K = x.size(1), width = pw.panels * kLanes;
+  at::Tensor y = at::empty({M, N}, x.options());
+  float* dst = y.data_ptr<float>();
+  panel_product(pw, PanelRows{x.data_ptr<float>(), M, K, 1},
+                [&](int64_t blk, int64_t r0, int rows, const float* tile) {
+                  const int64_t j0 = blk * pw.units, n = std::min(pw.units, N - j0);
+                  for (int r = 0; r < rows; ++r) std::memcpy(dst + (r0 + r) * N + j0, tile + r * width, sizeof(float) * n);
+                });
+  return y;
 }
 
 }  // namespace rnnkernels

@@ -66,9 +66,14 @@ Tensor blas_linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>
   return b.has_value() ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
 }
 
-// x w^T (+ b) as one GEMM. oneDNN copies any x that is not contiguous, and takes w contiguous or
-// transposed (other strides send it down a reference path hundreds of times slower).
+// x w^T (+ b) as one GEMM: on the panel kernels, or oneDNN, which copies any x that is not contiguous
+// and takes w contiguous or transposed (other strides send it down a reference path hundreds of times
+// slower), or BLAS.
 Tensor product(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+  constexpr int64_t kPanelsFromRows = 64;  // enough rows to repay packing w
+  if (kPanelGemm && x.scalar_type() == at::kFloat && x.size(0) >= kPanelsFromRows && x.size(1) > 0) {
+    return panel_linear(x, w, b);
+  }
   if (!use_onednn(w, x.size(0))) return blas_linear(x, w, b);
   const bool w_ok = w.is_contiguous() || w.t().is_contiguous();
   return onednn_linear(x.contiguous(), w_ok ? w : w.contiguous(), b);
@@ -81,16 +86,14 @@ bool is_transposed(const Tensor& m) {
 // x w^T (+ b) for a GEMM done once per call. Where x and w are both transposed views the product is
 // A^T B, a sum over the rows of A and B: the whole-sequence weight gradients, over T*B rows that
 // torch.nn adds up step by step. One running sum over all of them is up to several times less accurate
-// (oneDNN keeps one, and so does MKL for skinny products); sums over chunks of at most kChunk rows, then
-// added, bring the error back to torch.nn's. The float32 panel kernels do that inside the product; the
-// fallback slices the GEMM, and since oneDNN copies a transposed x, gives x's role to the smaller operand.
-// The other products sum over features in one running sum, as torch.nn's own do.
+// (oneDNN keeps one, and so does MKL for skinny products); sums over chunks of kChunk rows, then added,
+// bring the error back to torch.nn's. The float32 panel kernels sum in chunks anyway; elsewhere the GEMM
+// is sliced, and since oneDNN copies a transposed x, x's role goes to the smaller operand.
 Tensor linear_once(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b_in) {
-  constexpr int64_t kChunk = 256;
   const std::optional<Tensor> b = contiguous(b_in);
   const int64_t K = w.size(1);
   if (!is_transposed(x) || !is_transposed(w) || K <= kChunk) return product(x, w, b);
-  if (kPanelGemm && x.scalar_type() == at::kFloat && !b.has_value()) return panel_matmul_tn(x.t(), w.t(), kChunk);
+  if (kPanelGemm && x.scalar_type() == at::kFloat && !b.has_value()) return panel_matmul_tn(x.t(), w.t());
   const bool swap = !b.has_value() && w.size(0) < x.size(0);
   const Tensor& left = swap ? w : x;
   const Tensor& right = swap ? x : w;
@@ -282,7 +285,7 @@ void forward_panels(const RecurrenceDims& d, const Steps& steps, const Tensor& g
     const int64_t t = steps.time(step);
     float* const out_t = row<float>(output, t * B, H);
     float* const next = state_in_output ? out_t : (step % 2 ? h : h_other).data_ptr<float>();
-    panel_product(pw, PanelRows{cur, B, H, 1, H}, [&](int64_t blk, int64_t r0, int rows, const float* tile) {
+    panel_product(pw, PanelRows{cur, B, H, 1}, [&](int64_t blk, int64_t r0, int rows, const float* tile) {
       const int64_t j0 = blk * pw.units, n = std::min(pw.units, H - j0);
       for (int r = 0; r < rows; ++r) {
         const int64_t b = r0 + r;
@@ -422,7 +425,7 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
       });
       for (int64_t step = T - 1; step >= 0; --step) {
         const int64_t t = steps.time(step), t_next = step > 0 ? steps.time(step - 1) : -1;
-        panel_product(*panel_t, PanelRows{row<float>(grad_gh, t * B, GH), B, GH, 1, GH},
+        panel_product(*panel_t, PanelRows{row<float>(grad_gh, t * B, GH), B, GH, 1},
                       [&](int64_t blk, int64_t r0, int rows, const float* tile) {
                         const int64_t j0 = blk * panel_t->units, n = std::min(panel_t->units, H - j0);
                         for (int r = 0; r < rows; ++r) {
