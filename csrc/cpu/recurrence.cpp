@@ -276,6 +276,7 @@ void forward_panels(const RecurrenceDims& d, const Steps& steps, const Tensor& g
   const bool keep = workspace.size(2) > 0, state_in_output = steps.lengths == nullptr;
   const PanelWeight pw = pack_panels(w_hh, b_hh, d.G);
   const int64_t width = pw.panels * kLanes;
+  constexpr int64_t kBlockUnits = cell == Cell::LSTM || cell == Cell::GRU ? kLanes : 4 * kLanes;  // pw.units
   Tensor h_other = state_in_output ? Tensor() : at::empty_like(h);
   const float* const gx_data = gx.data_ptr<float>();
   float* const ws_data = keep ? workspace.data_ptr<float>() : nullptr;
@@ -285,30 +286,37 @@ void forward_panels(const RecurrenceDims& d, const Steps& steps, const Tensor& g
     const int64_t t = steps.time(step);
     float* const out_t = row<float>(output, t * B, H);
     float* const next = state_in_output ? out_t : (step % 2 ? h : h_other).data_ptr<float>();
+    // Row b, units [j0, j0 + n): n is a compile-time constant for whole blocks, so that the row kernels
+    // inlined here become whole vectors with no remainder loop.
+    const auto cells = [&](int64_t b, int64_t j0, const float* pre, auto n) {
+      const float* h_prev = cur + b * H + j0;
+      float* h_next = next + b * H + j0;
+      if (!steps.active(t, b)) {
+        std::memcpy(h_next, h_prev, sizeof(float) * n);
+        return;
+      }
+      const float* x = gx_data + (t * B + b) * GH + j0;
+      float* ws = keep ? ws_data + (t * B + b) * W + j0 : nullptr;
+      if constexpr (cell == Cell::LSTM) {
+        float* c_row = c_data + b * H + j0;
+        keep ? lstm_forward_row<true>(x, pre, ws, c_row, h_next, n, H, kLanes)
+             : lstm_forward_row<false>(x, pre, ws, c_row, h_next, n, H, kLanes);
+      } else if constexpr (cell == Cell::GRU) {
+        keep ? gru_forward_row<true>(x, pre, ws, h_prev, h_next, n, H, kLanes)
+             : gru_forward_row<false>(x, pre, ws, h_prev, h_next, n, H, kLanes);
+      } else {
+        rnn_forward_row(x, pre, h_next, n, cell == Cell::RNN_RELU);
+      }
+      if (!state_in_output) std::memcpy(out_t + b * H + j0, h_next, sizeof(float) * n);
+    };
     panel_product(pw, PanelRows{cur, B, H, 1}, [&](int64_t blk, int64_t r0, int rows, const float* tile) {
       const int64_t j0 = blk * pw.units, n = std::min(pw.units, H - j0);
       for (int r = 0; r < rows; ++r) {
-        const int64_t b = r0 + r;
-        const float* h_prev = cur + b * H + j0;
-        float* h_next = next + b * H + j0;
-        if (!steps.active(t, b)) {
-          std::memcpy(h_next, h_prev, sizeof(float) * n);
-          continue;
-        }
-        const float* x = gx_data + (t * B + b) * GH + j0;
-        const float* pre = tile + r * width;
-        float* ws = keep ? ws_data + (t * B + b) * W + j0 : nullptr;
-        if constexpr (cell == Cell::LSTM) {
-          float* c_row = c_data + b * H + j0;
-          keep ? lstm_forward_row<true>(x, pre, ws, c_row, h_next, n, H, kLanes)
-               : lstm_forward_row<false>(x, pre, ws, c_row, h_next, n, H, kLanes);
-        } else if constexpr (cell == Cell::GRU) {
-          keep ? gru_forward_row<true>(x, pre, ws, h_prev, h_next, n, H, kLanes)
-               : gru_forward_row<false>(x, pre, ws, h_prev, h_next, n, H, kLanes);
+        if (n == kBlockUnits) {
+          cells(r0 + r, j0, tile + r * width, std::integral_constant<int64_t, kBlockUnits>());
         } else {
-          rnn_forward_row(x, pre, h_next, n, cell == Cell::RNN_RELU);
+          cells(r0 + r, j0, tile + r * width, n);
         }
-        if (!state_in_output) std::memcpy(out_t + b * H + j0, h_next, sizeof(float) * n);
       }
     });
     cur = next;
@@ -378,7 +386,7 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
       projected ? std::optional<StepLinear>(std::in_place, w_hr->t(), std::nullopt, B, T) : std::nullopt;
   Tensor dh_direct = cell == Cell::GRU ? at::empty({B, H}, dh.options()) : Tensor();
   // Adds the output's gradient at step t to units [j0, j0 + n) of dL/dh_t, row b.
-  const auto add_output_grad = [&](int64_t t, int64_t b, int64_t j0, int64_t n) {
+  const auto add_output_grad = [&](int64_t t, int64_t b, int64_t j0, auto n) {
     scalar_t* __restrict__ g = row<scalar_t>(dh, b, P) + j0;
     const scalar_t* __restrict__ go = row<scalar_t>(grad_output, t * B + b, P) + j0;
     for (int64_t j = 0; j < n; ++j) g[j] = opmath_t(g[j]) + opmath_t(go[j]);
@@ -386,7 +394,7 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
   };
   // The gate gradients of step t for units [j0, j0 + n) of row b, from dL/dm_t there (g: dL/dh_t, or
   // its share before the projection) and, for the LSTM, dL/dc_t (dc, which becomes dL/dc_{t-1}).
-  const auto gate_grads = [&](int64_t t, int64_t b, const scalar_t* g, int64_t j0, int64_t n) {
+  const auto gate_grads = [&](int64_t t, int64_t b, const scalar_t* g, int64_t j0, auto n) {
     const bool first = steps.first(t, b);
     const int64_t prev = steps.previous(t);
     const scalar_t* ws = W ? row<scalar_t>(workspace, t * B + b, W) + j0 : nullptr;
@@ -404,7 +412,7 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
     }
   };
   // Units [j0, j0 + n) of row b of dL/dh_{t-1}, given their recurrent share rec.
-  const auto set_dh = [&](int64_t b, const scalar_t* __restrict__ rec, int64_t j0, int64_t n) {
+  const auto set_dh = [&](int64_t b, const scalar_t* __restrict__ rec, int64_t j0, auto n) {
     scalar_t* __restrict__ g = row<scalar_t>(dh, b, P) + j0;
     if constexpr (cell == Cell::GRU) {
       const scalar_t* __restrict__ direct = row<scalar_t>(dh_direct, b, H) + j0;
@@ -428,12 +436,19 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
         panel_product(*panel_t, PanelRows{row<float>(grad_gh, t * B, GH), B, GH, 1},
                       [&](int64_t blk, int64_t r0, int rows, const float* tile) {
                         const int64_t j0 = blk * panel_t->units, n = std::min(panel_t->units, H - j0);
-                        for (int r = 0; r < rows; ++r) {
-                          const int64_t b = r0 + r;
-                          if (steps.active(t, b)) set_dh(b, tile + r * width, j0, n);
+                        const auto units = [&](int64_t b, const float* rec, auto n) {
+                          if (steps.active(t, b)) set_dh(b, rec, j0, n);
                           if (t_next >= 0 && steps.active(t_next, b)) {
                             add_output_grad(t_next, b, j0, n);
                             gate_grads(t_next, b, row<float>(dh, b, H) + j0, j0, n);
+                          }
+                        };
+                        for (int r = 0; r < rows; ++r) {
+                          // n a compile-time constant for whole blocks, as in forward_panels
+                          if (n == 4 * kLanes) {
+                            units(r0 + r, tile + r * width, std::integral_constant<int64_t, 4 * kLanes>());
+                          } else {
+                            units(r0 + r, tile + r * width, n);
                           }
                         }
                       });
