@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import RNN_KINDS, check_twin, rnn_inputs, torch_module, twin
+from helpers import CELL_KINDS, RNN_KINDS, cell_inputs, check_twin, rnn_inputs, torch_module, twin
 from rnnkernels import ops
 
 pytestmark = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="compiled extension not loaded")
@@ -58,3 +58,15 @@ def test_float32_partial_tiles_and_chunks(kind, packed, two_threads):
     t = twin(m, "cpu")
     x, hx = rnn_inputs(m, T=23, B=13, hx=True, packed=packed)
     check_twin(m, t, x, hx)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("B", [1, 3, 5])
+@pytest.mark.parametrize("kind", list(CELL_KINDS))
+def test_float32_cell_steps(kind, B, bias, two_threads):
+    """float32 cells: up to four sequences take the dot-product step (csrc/cpu/panels.h), more the GEMM one;
+    input and hidden sizes that leave part of a vector and of a block of 16 units."""
+    m = torch_module(kind, dtype=torch.float32, input_size=19, hidden_size=37, bias=bias)
+    t = twin(m, "cpu")
+    x, h = cell_inputs(m, B=B, hx=True)
+    check_twin(m, t, x, h)

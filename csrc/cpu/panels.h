@@ -265,4 +265,46 @@ inline at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& w, cons
   return y;
 }
 
+// Dot products of weight rows with up to kDotRows vectors: a step of generation reads each weight once
+// this way, with no packing to repay (panel_product packs per call).
+constexpr int kDotRows = 4;
+
+#if defined(__AVX512F__)
+// out[q][r] = sum_k w[q * ldw + k] v[r * ldv + k] for the `count` <= 4 rows q of w and kVectors vectors r:
+// four rows at a time so that the sums advance in independent chains.
+template <int kVectors>
+inline void dots(const float* w, int64_t ldw, int count, const float* v, int64_t ldv, int64_t K,
+                 float (*out)[kDotRows]) {
+  const float* rows[4];
+  for (int q = 0; q < 4; ++q) rows[q] = w + std::min(q, count - 1) * ldw;  // past count: repeats, unused
+  __m512 acc[4][kVectors];
+  for (int q = 0; q < 4; ++q)
+    for (int r = 0; r < kVectors; ++r) acc[q][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += kLanes) {
+    const __mmask16 mask = static_cast<__mmask16>((uint32_t{1} << std::min(kLanes, K - k)) - 1);
+    __m512 vk[kVectors];
+    for (int r = 0; r < kVectors; ++r) vk[r] = _mm512_maskz_loadu_ps(mask, v + r * ldv + k);
+    for (int q = 0; q < 4; ++q) {
+      // 1 KiB ahead on each row: the hardware prefetcher alone leaves a step at hidden 1024, which streams
+      // 32 MB of weights, at half the memory bandwidth.
+      _mm_prefetch(reinterpret_cast<const char*>(rows[q] + k + 16 * kLanes), _MM_HINT_T0);
+      const __m512 wk = _mm512_maskz_loadu_ps(mask, rows[q] + k);
+      for (int r = 0; r < kVectors; ++r) acc[q][r] = _mm512_fmadd_ps(wk, vk[r], acc[q][r]);
+    }
+  }
+  for (int q = 0; q < count; ++q)
+    for (int r = 0; r < kVectors; ++r) out[q][r] = _mm512_reduce_add_ps(acc[q][r]);
+}
+
+inline void dots_of(int vectors, const float* w, int64_t ldw, int count, const float* v, int64_t ldv, int64_t K,
+                    float (*out)[kDotRows]) {
+  switch (vectors) {
+    case 1: return dots<1>(w, ldw, count, v, ldv, K, out);
+    case 2: return dots<2>(w, ldw, count, v, ldv, K, out);
+    case 3: return dots<3>(w, ldw, count, v, ldv, K, out);
+    default: return dots<4>(w, ldw, count, v, ldv, K, out);
+  }
+}
+#endif
+
 }  // namespace rnnkernels
