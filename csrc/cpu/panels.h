@@ -253,7 +253,9 @@ inline at::Tensor panel_matmul_tn(const at::Tensor& a, const at::Tensor& b) {
 // x w^T (+ b) for row-major x (M, K) and w (N, K) given by any strides, float32.
 inline at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& w, const std::optional<at::Tensor>& b) {
   const at::Tensor x = x_in.contiguous();
-  const PanelWeight pw = pack_panels(w, b, 1);
+  // A transposed w (the input gradient's W_ih^T) is already the right operand's layout: read in place.
+  const bool in_place = !b.has_value() && !w.is_contiguous() && w.t().is_contiguous();
+  const PanelWeight pw = in_place ? panels_in_place(w.t()) : pack_panels(w, b, 1);
   const int64_t M = x.size(0), N = w.size(0), K = x.size(1), width = pw.panels * kLanes;
   at::Tensor y = at::empty({M, N}, x.options());
   float* dst = y.data_ptr<float>();

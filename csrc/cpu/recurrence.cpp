@@ -68,10 +68,13 @@ Tensor blas_linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>
 
 // x w^T (+ b) as one GEMM: on the panel kernels, or oneDNN, which copies any x that is not contiguous
 // and takes w contiguous or transposed (other strides send it down a reference path hundreds of times
-// slower), or BLAS.
+// slower), or BLAS where oneDNN is off or the product tiny.
 Tensor product(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
-  constexpr int64_t kPanelsFromRows = 64;  // enough rows to repay packing w
-  if (kPanelGemm && x.scalar_type() == at::kFloat && x.size(0) >= kPanelsFromRows && x.size(1) > 0) {
+  // oneDNN is the faster GEMM here but for outputs narrower than a panel block (the input gradient of a
+  // character model: 1.6x), given rows enough to repay packing w.
+  constexpr int64_t kPanelsFromRows = 64, kPanelsBelowColumns = 64;
+  if (kPanelGemm && x.scalar_type() == at::kFloat && x.size(0) >= kPanelsFromRows && w.size(0) < kPanelsBelowColumns &&
+      x.size(1) > 0) {
     return panel_linear(x, w, b);
   }
   if (!use_onednn(w, x.size(0))) return blas_linear(x, w, b);
