@@ -240,11 +240,16 @@ inline at::Tensor panel_matmul_tn(const at::Tensor& a, const at::Tensor& b) {
   panel_product(w, PanelRows{rows.data_ptr<float>(), M, R, 1},
                 [&](int64_t blk, int64_t r0, int tile_rows, const float* tile) {
                   const int64_t j0 = blk * w.units, n = std::min(w.units, N - j0);
-                  for (int r = 0; r < tile_rows; ++r) {
-                    for (int64_t j = 0; j < n; ++j) {
-                      const float v = tile[r * width + j];
-                      swap ? dst[(j0 + j) * M + r0 + r] = v : dst[(r0 + r) * N + j0 + j] = v;
+                  if (!swap) {
+                    for (int r = 0; r < tile_rows; ++r) {
+                      std::memcpy(dst + (r0 + r) * N + j0, tile + r * width, sizeof(float) * n);
                     }
+                    return;
+                  }
+                  // Transposed: the tile's rows r0.. are consecutive in each row j0 + j of the result.
+                  for (int64_t j = 0; j < n; ++j) {
+                    float* out = dst + (j0 + j) * M + r0;
+                    for (int r = 0; r < tile_rows; ++r) out[r] = tile[r * width + j];
                   }
                 });
   return result;
