@@ -1,13 +1,16 @@
-// The per-step recurrent product y = h W^T (+ b) of the float32 CPU kernels, on a weight packed once per
-// sequence into panels of 16 output columns, as a CPU analogue of the persistent GPU kernels: every thread
-// keeps the panels of its own output columns in its L2 cache across the time steps, and a tile of rows x
-// panels is finished in registers and handed straight to the cell's gate math while it is in L1.
+// The float32 CPU kernels built for AVX-512 (csrc/cpu/recurrence.cpp decides where they run):
+// - panel_product: y = h W^T (+ b) with W in panels of 16 output columns, packed once per sequence or read
+//   in place; a CPU analogue of the persistent GPU kernels. Every thread keeps the panels of its own
+//   output columns in its cache across the time steps, and each register tile of rows x panels goes
+//   straight to an epilogue (a cell's gate math) while in L1. Also the weight gradients (panel_matmul_tn)
+//   and products with few output columns (panel_linear).
+// - dots: one step of up to four sequences (generation), each weight row read once.
 //
-// Assumes: float32; AVX-512F at build time (the build is -march=native by default; elsewhere
-// kPanelGemm is false and the recurrence falls back to oneDNN/BLAS per step); h rows contiguous in K.
-// Output columns are grouped into blocks of kPanels panels: for the LSTM and GRU a block holds all gates
-// of 16 hidden units (panel p = gate p), so that one tile carries whole cells; otherwise it holds
-// kPanels * 16 consecutive columns. Columns beyond N read zero weights and are never stored.
+// Assumes: float32; AVX-512F at build time (the build is -march=native by default; elsewhere kPanelGemm
+// is false and the callers use oneDNN/BLAS). Output columns are grouped into blocks of 3 or 4 panels:
+// for the LSTM and GRU a block holds all gates of 16 hidden units (panel p = gate p), so that one tile
+// carries whole cells; otherwise it holds 64 consecutive columns. Packed columns beyond N are zero; in
+// place, loads past N are masked. Nothing past N is stored.
 #pragma once
 #include <ATen/ATen.h>
 

@@ -1,6 +1,8 @@
-// CPU recurrence kernels: per time step one GEMM for the recurrent term, then one fused pass over
-// batch x hidden for every gate and the state update; the backward sweep likewise, with the weight
-// gradients as whole-sequence GEMMs at the end. Shapes and checks: csrc/recurrence_args.h.
+// CPU recurrence kernels. float32 on AVX-512 builds: per time step one parallel pass of the panel kernels
+// (panels.h) whose tiles go straight into the gate math (forward) or the gate gradients (backward).
+// Otherwise per time step one GEMM for the recurrent term, then one fused pass over batch x hidden for
+// every gate and the state update; the backward sweep likewise. Either way the weight gradients are
+// whole-sequence products at the end. Shapes and checks: csrc/recurrence_args.h.
 // Assumes nothing of the caller's strides (inputs are made contiguous here); lengths live on the CPU.
 #include "recurrence.h"
 
