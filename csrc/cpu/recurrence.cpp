@@ -217,6 +217,20 @@ void rnn_forward_row(const scalar_t* __restrict__ x, const scalar_t* __restrict_
   for (int64_t j = 0; j < n; ++j) h[j] = rnn_forward(opmath_t(x[j]) + opmath_t(r[j]), relu);
 }
 
+// The forward row kernel of `cell` (arguments as above): c is the LSTM's cell state, updated in place;
+// h_prev the GRU's previous state. n may be a std::integral_constant, kept constant through inlining.
+template <Cell cell, typename scalar_t>
+inline void cell_forward_row(bool keep, const scalar_t* x, const scalar_t* r, scalar_t* ws, scalar_t* c,
+                             const scalar_t* h_prev, scalar_t* h, auto n, int64_t xs, int64_t rs) {
+  if constexpr (cell == Cell::LSTM) {
+    keep ? lstm_forward_row<true>(x, r, ws, c, h, n, xs, rs) : lstm_forward_row<false>(x, r, ws, c, h, n, xs, rs);
+  } else if constexpr (cell == Cell::GRU) {
+    keep ? gru_forward_row<true>(x, r, ws, h_prev, h, n, xs, rs) : gru_forward_row<false>(x, r, ws, h_prev, h, n, xs, rs);
+  } else {
+    rnn_forward_row(x, r, h, n, cell == Cell::RNN_RELU);
+  }
+}
+
 // Backward row kernels: `n` units of one (t, b), the gates of a unit H apart.
 template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
 void lstm_backward_row(const scalar_t* __restrict__ dh, const scalar_t* __restrict__ ws,
@@ -302,16 +316,8 @@ void forward_panels(const RecurrenceDims& d, const Steps& steps, const Tensor& g
       }
       const float* x = gx_data + (t * B + b) * GH + j0;
       float* ws = keep ? ws_data + (t * B + b) * W + j0 : nullptr;
-      if constexpr (cell == Cell::LSTM) {
-        float* c_row = c_data + b * H + j0;
-        keep ? lstm_forward_row<true>(x, pre, ws, c_row, h_next, n, H, kLanes)
-             : lstm_forward_row<false>(x, pre, ws, c_row, h_next, n, H, kLanes);
-      } else if constexpr (cell == Cell::GRU) {
-        keep ? gru_forward_row<true>(x, pre, ws, h_prev, h_next, n, H, kLanes)
-             : gru_forward_row<false>(x, pre, ws, h_prev, h_next, n, H, kLanes);
-      } else {
-        rnn_forward_row(x, pre, h_next, n, cell == Cell::RNN_RELU);
-      }
+      float* c_row = cell == Cell::LSTM ? c_data + b * H + j0 : nullptr;
+      cell_forward_row<cell>(keep, x, pre, ws, c_row, h_prev, h_next, n, H, kLanes);
       if (!state_in_output) std::memcpy(out_t + b * H + j0, h_next, sizeof(float) * n);
     };
     panel_product(pw, PanelRows{cur, B, H, 1}, [&](int64_t blk, int64_t r0, int rows, const float* tile) {
@@ -350,16 +356,9 @@ void forward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gx,
       const scalar_t* r = row<scalar_t>(gh, b, GH);
       scalar_t* hb = row<scalar_t>(h, b, P);
       scalar_t* ws = keep ? row<scalar_t>(workspace, t * B + b, W) : nullptr;
-      if constexpr (cell == Cell::LSTM) {
-        scalar_t* c_row = row<scalar_t>(c, b, H);
-        scalar_t* h_row = projected ? row<scalar_t>(m, b, H) : hb;
-        keep ? lstm_forward_row<true>(x, r, ws, c_row, h_row, H, H, H)
-             : lstm_forward_row<false>(x, r, ws, c_row, h_row, H, H, H);
-      } else if constexpr (cell == Cell::GRU) {
-        keep ? gru_forward_row<true>(x, r, ws, hb, hb, H, H, H) : gru_forward_row<false>(x, r, ws, hb, hb, H, H, H);
-      } else {
-        rnn_forward_row(x, r, hb, H, cell == Cell::RNN_RELU);
-      }
+      scalar_t* c_row = cell == Cell::LSTM ? row<scalar_t>(c, b, H) : nullptr;
+      scalar_t* h_row = projected ? row<scalar_t>(m, b, H) : hb;  // the LSTM's pre-projection output
+      cell_forward_row<cell>(keep, x, r, ws, c_row, hb, h_row, H, H, H);
       if (!projected) std::memcpy(row<scalar_t>(output, t * B + b, P), hb, sizeof(scalar_t) * P);
     });
     if (projected) {
@@ -594,16 +593,9 @@ Tensors3 step_small_batch(const Tensor& x_in, const Tensor& h_in, const std::opt
         }
       }
       for (int64_t b = 0; b < B; ++b) {
-        float* h_row = h_out + b * H + j0;
-        if constexpr (cell == Cell::LSTM) {
-          keep ? lstm_forward_row<true>(pre_x[b], pre_h[b], ws, c_out + b * H + j0, h_row, n, kLanes, kLanes)
-               : lstm_forward_row<false>(pre_x[b], pre_h[b], ws, c_out + b * H + j0, h_row, n, kLanes, kLanes);
-        } else if constexpr (cell == Cell::GRU) {
-          keep ? gru_forward_row<true>(pre_x[b], pre_h[b], ws, hp + b * H + j0, h_row, n, kLanes, kLanes)
-               : gru_forward_row<false>(pre_x[b], pre_h[b], ws, hp + b * H + j0, h_row, n, kLanes, kLanes);
-        } else {
-          rnn_forward_row(pre_x[b], pre_h[b], h_row, n, cell == Cell::RNN_RELU);
-        }
+        float* c_row = cell == Cell::LSTM ? c_out + b * H + j0 : nullptr;
+        cell_forward_row<cell>(keep, pre_x[b], pre_h[b], ws, c_row, hp + b * H + j0, h_out + b * H + j0, n, kLanes,
+                               kLanes);
         for (int64_t q = 0; keep && q < W / H; ++q) {
           std::memcpy(ws_out + b * W + q * H + j0, ws + q * kLanes, sizeof(float) * n);
         }
