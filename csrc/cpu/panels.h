@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -48,6 +49,7 @@ struct PanelWeight {
   int64_t panels = 0;     // panels per block: 3 or 4
   int64_t units = 0;      // output units per block that the epilogue sees (16, or panels * 16)
   int64_t blocks = 0;
+  int64_t outputs = 0;    // output units in all (H, or N)
   int64_t K = 0;
   int64_t columns = 0;    // columns that may be read: past them, the last block's loads are masked
 };
@@ -60,7 +62,7 @@ inline PanelWeight panels_in_place(const at::Tensor& m) {
   p.panels = 4;
   p.units = p.panels * kLanes;
   p.K = m.size(0);
-  p.columns = m.size(1);
+  p.columns = p.outputs = m.size(1);
   p.blocks = (p.columns + p.units - 1) / p.units;
   p.k_stride = p.columns;
   p.block_stride = p.units;
@@ -78,6 +80,7 @@ inline PanelWeight pack_panels(const at::Tensor& w, const std::optional<at::Tens
   p.panels = gates > 1 ? gates : 4;
   p.units = gates > 1 ? kLanes : p.panels * kLanes;
   p.blocks = (H + p.units - 1) / p.units;
+  p.outputs = H;
   p.K = K;
   const int64_t width = p.panels * kLanes;
   p.columns = p.blocks * width;
@@ -173,8 +176,35 @@ struct PanelRows {
   int64_t rows, row_stride, k_stride;
 };
 
-// For every tile of (rows of h) x (block of W), epilogue(block, first row, rows, out) gets the tile's
-// result, out[r * panels * 16 + col], to finish. A task is a block and up to kTilesPerTask row tiles,
+// A finished tile of a panel product: rows [r0, r0 + rows) of h against output units [j0, j0 + n), row r
+// at row(r): the unit's gates 16 apart in a block of gates, else the n units in a row.
+struct PanelTile {
+  int64_t j0, n, r0;
+  int rows;
+  const float* data;
+  int64_t width;
+  const float* row(int r) const { return data + r * width; }
+};
+
+// Calls fn(n) with n a compile-time constant where it is a whole block of kUnits, so that the row kernels
+// inlined into fn become whole vectors with no remainder loop.
+template <int64_t kUnits, typename F>
+inline void with_units(int64_t n, const F& fn) {
+  if (n == kUnits) {
+    fn(std::integral_constant<int64_t, kUnits>());
+  } else {
+    fn(n);
+  }
+}
+
+// Stores the tile into rows of a row-major result with `ld` columns.
+inline void store_tile(const PanelTile& tile, float* dst, int64_t ld) {
+  for (int r = 0; r < tile.rows; ++r) {
+    std::memcpy(dst + (tile.r0 + r) * ld + tile.j0, tile.row(r), sizeof(float) * tile.n);
+  }
+}
+
+// For every tile of (rows of h) x (block of W), epilogue(PanelTile) finishes the tile's result. A task is a block and up to kTilesPerTask row tiles,
 // run chunk by chunk of K so that the chunk of the block stays in cache across its tiles. In a
 // recurrence one call is one time step: the threads split the blocks, each thread always the same
 // ones, so that its panels stay in its cache from step to step.
@@ -216,10 +246,11 @@ void panel_product(const PanelWeight& w, const PanelRows& h, const Epilogue& epi
                                              k0 > 0, o);
         }
       }
+      const int64_t j0 = blk * w.units, n = std::min(w.units, w.outputs - j0);
       for (int64_t tile = first; tile < last; ++tile) {
         const int64_t r0 = first_row(tile);
-        epilogue(blk, r0, static_cast<int>(first_row(tile + 1) - r0),
-                 static_cast<const float*>(out + (tile - first) * kTileFloats));
+        epilogue(PanelTile{j0, n, r0, static_cast<int>(first_row(tile + 1) - r0), out + (tile - first) * kTileFloats,
+                           width});
       }
     }
   });
@@ -236,25 +267,17 @@ inline at::Tensor panel_matmul_tn(const at::Tensor& a, const at::Tensor& b) {
   const bool swap = b.size(1) < a.size(1);  // then the tiles compute b^T a, the transpose of the result
   const at::Tensor rows = (swap ? b : a).t().contiguous();
   const PanelWeight w = panels_in_place(swap ? a : b);
-  const int64_t M = rows.size(0), N = w.columns, R = rows.size(1);
+  const int64_t M = rows.size(0), N = w.outputs, R = rows.size(1);
   at::Tensor result = at::empty({a.size(1), b.size(1)}, a.options());
   float* dst = result.data_ptr<float>();
-  const int64_t width = w.panels * kLanes;
-  panel_product(w, PanelRows{rows.data_ptr<float>(), M, R, 1},
-                [&](int64_t blk, int64_t r0, int tile_rows, const float* tile) {
-                  const int64_t j0 = blk * w.units, n = std::min(w.units, N - j0);
-                  if (!swap) {
-                    for (int r = 0; r < tile_rows; ++r) {
-                      std::memcpy(dst + (r0 + r) * N + j0, tile + r * width, sizeof(float) * n);
-                    }
-                    return;
-                  }
-                  // Transposed: the tile's rows r0.. are consecutive in each row j0 + j of the result.
-                  for (int64_t j = 0; j < n; ++j) {
-                    float* out = dst + (j0 + j) * M + r0;
-                    for (int r = 0; r < tile_rows; ++r) out[r] = tile[r * width + j];
-                  }
-                });
+  panel_product(w, PanelRows{rows.data_ptr<float>(), M, R, 1}, [&](const PanelTile& tile) {
+    if (!swap) return store_tile(tile, dst, N);
+    // Transposed: the tile's rows r0.. are consecutive in each row j0 + j of the result.
+    for (int64_t j = 0; j < tile.n; ++j) {
+      float* out = dst + (tile.j0 + j) * M + tile.r0;
+      for (int r = 0; r < tile.rows; ++r) out[r] = tile.row(r)[j];
+    }
+  });
   return result;
 }
 
@@ -264,14 +287,10 @@ inline at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& w, cons
   // A transposed w (the input gradient's W_ih^T) is already the right operand's layout: read in place.
   const bool in_place = !b.has_value() && !w.is_contiguous() && w.t().is_contiguous();
   const PanelWeight pw = in_place ? panels_in_place(w.t()) : pack_panels(w, b, 1);
-  const int64_t M = x.size(0), N = w.size(0), K = x.size(1), width = pw.panels * kLanes;
+  const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
   at::Tensor y = at::empty({M, N}, x.options());
   float* dst = y.data_ptr<float>();
-  panel_product(pw, PanelRows{x.data_ptr<float>(), M, K, 1},
-                [&](int64_t blk, int64_t r0, int rows, const float* tile) {
-                  const int64_t j0 = blk * pw.units, n = std::min(pw.units, N - j0);
-                  for (int r = 0; r < rows; ++r) std::memcpy(dst + (r0 + r) * N + j0, tile + r * width, sizeof(float) * n);
-                });
+  panel_product(pw, PanelRows{x.data_ptr<float>(), M, K, 1}, [&](const PanelTile& tile) { store_tile(tile, dst, N); });
   return y;
 }
 

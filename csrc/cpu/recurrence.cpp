@@ -294,7 +294,6 @@ void forward_panels(const RecurrenceDims& d, const Steps& steps, const Tensor& g
   const int64_t B = d.B, H = d.H, GH = d.G * d.H, W = workspace_width(cell, H);
   const bool keep = workspace.size(2) > 0, state_in_output = steps.lengths == nullptr;
   const PanelWeight pw = pack_panels(w_hh, b_hh, d.G);
-  const int64_t width = pw.panels * kLanes;
   constexpr int64_t kBlockUnits = cell == Cell::LSTM || cell == Cell::GRU ? kLanes : 4 * kLanes;  // pw.units
   Tensor h_other = state_in_output ? Tensor() : at::empty_like(h);
   const float* const gx_data = gx.data_ptr<float>();
@@ -305,8 +304,7 @@ void forward_panels(const RecurrenceDims& d, const Steps& steps, const Tensor& g
     const int64_t t = steps.time(step);
     float* const out_t = row<float>(output, t * B, H);
     float* const next = state_in_output ? out_t : (step % 2 ? h : h_other).data_ptr<float>();
-    // Row b, units [j0, j0 + n): n is a compile-time constant for whole blocks, so that the row kernels
-    // inlined here become whole vectors with no remainder loop.
+    // Row b, units [j0, j0 + n) (n constant for whole blocks: with_units).
     const auto cells = [&](int64_t b, int64_t j0, const float* pre, auto n) {
       const float* h_prev = cur + b * H + j0;
       float* h_next = next + b * H + j0;
@@ -320,14 +318,9 @@ void forward_panels(const RecurrenceDims& d, const Steps& steps, const Tensor& g
       cell_forward_row<cell>(keep, x, pre, ws, c_row, h_prev, h_next, n, H, kLanes);
       if (!state_in_output) std::memcpy(out_t + b * H + j0, h_next, sizeof(float) * n);
     };
-    panel_product(pw, PanelRows{cur, B, H, 1}, [&](int64_t blk, int64_t r0, int rows, const float* tile) {
-      const int64_t j0 = blk * pw.units, n = std::min(pw.units, H - j0);
-      for (int r = 0; r < rows; ++r) {
-        if (n == kBlockUnits) {
-          cells(r0 + r, j0, tile + r * width, std::integral_constant<int64_t, kBlockUnits>());
-        } else {
-          cells(r0 + r, j0, tile + r * width, n);
-        }
+    panel_product(pw, PanelRows{cur, B, H, 1}, [&](const PanelTile& tile) {
+      for (int r = 0; r < tile.rows; ++r) {
+        with_units<kBlockUnits>(tile.n, [&](auto n) { cells(tile.r0 + r, tile.j0, tile.row(r), n); });
       }
     });
     cur = next;
@@ -429,7 +422,6 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
     if (panels) {
       // One parallel pass a step: each tile of dL/dh_{t-1} = dL/dgates_t W_hh goes straight on into the
       // gate gradients of step t-1 for its units (all a unit's gates depend on only its own dL/dh, dL/dc).
-      const int64_t width = panel_t->panels * kLanes;
       const int64_t t_last = steps.time(T - 1);
       for_active_rows(steps, t_last, B, GH, [&](int64_t b) {
         add_output_grad(t_last, b, 0, H);
@@ -437,25 +429,19 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
       });
       for (int64_t step = T - 1; step >= 0; --step) {
         const int64_t t = steps.time(step), t_next = step > 0 ? steps.time(step - 1) : -1;
-        panel_product(*panel_t, PanelRows{row<float>(grad_gh, t * B, GH), B, GH, 1},
-                      [&](int64_t blk, int64_t r0, int rows, const float* tile) {
-                        const int64_t j0 = blk * panel_t->units, n = std::min(panel_t->units, H - j0);
-                        const auto units = [&](int64_t b, const float* rec, auto n) {
-                          if (steps.active(t, b)) set_dh(b, rec, j0, n);
-                          if (t_next >= 0 && steps.active(t_next, b)) {
-                            add_output_grad(t_next, b, j0, n);
-                            gate_grads(t_next, b, row<float>(dh, b, H) + j0, j0, n);
-                          }
-                        };
-                        for (int r = 0; r < rows; ++r) {
-                          // n a compile-time constant for whole blocks, as in forward_panels
-                          if (n == 4 * kLanes) {
-                            units(r0 + r, tile + r * width, std::integral_constant<int64_t, 4 * kLanes>());
-                          } else {
-                            units(r0 + r, tile + r * width, n);
-                          }
-                        }
-                      });
+        panel_product(*panel_t, PanelRows{row<float>(grad_gh, t * B, GH), B, GH, 1}, [&](const PanelTile& tile) {
+          const int64_t j0 = tile.j0;
+          for (int r = 0; r < tile.rows; ++r) {
+            const int64_t b = tile.r0 + r;
+            with_units<4 * kLanes>(tile.n, [&](auto n) {
+              if (steps.active(t, b)) set_dh(b, tile.row(r), j0, n);
+              if (t_next >= 0 && steps.active(t_next, b)) {
+                add_output_grad(t_next, b, j0, n);
+                gate_grads(t_next, b, row<float>(dh, b, H) + j0, j0, n);
+              }
+            });
+          }
+        });
       }
       return;
     }
