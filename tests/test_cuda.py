@@ -1,8 +1,15 @@
-"""The cuda backend on the GPU: every module option against torch.nn with the same weights (outputs, final
-states, every gradient) under the rule of tests/helpers.py, on both CUDA paths (persistent and stepwise,
-forced through RNNKERNELS_CUDA_PATH); sizes that exercise the kernels' work splits; the one-step operators;
-opcheck on CUDA inputs; CUDA-graph capture. Skipped without a GPU, but for one test that runs on the CPU
-CI: a CUDA build of torch with nvcc present must have compiled the CUDA kernels in.
+"""The cuda backend: every module option against torch.nn with the same weights (outputs, final states,
+every gradient) under the rule of tests/helpers.py, on both CUDA paths (persistent and stepwise, forced
+through RNNKERNELS_CUDA_PATH); sizes that exercise the kernels' work splits; the one-step operators;
+opcheck; CUDA-graph capture.
+
+Each test runs on two targets: "gpu", skipped without one, and "emulated", which runs on any Linux
+machine: csrc/cuda (kernels and host code) built for the CPU against the host emulation of
+tests/cuda_emulation, every CUDA thread a fiber, installed as the operators' CPU kernels for the test, on
+CPU tensors. The emulation checks the kernels' logic (indexing, work splits, barriers, a 4-multiprocessor
+device so that small layers span several blocks), not the device's arithmetic or speed; its sizes are
+smaller. CUDA graphs and 70,000-step sequences run on the GPU only. One more test runs on the CPU CI: a
+CUDA build of torch with nvcc present must have compiled the CUDA kernels in.
 
 torch.nn on the GPU runs cuDNN, whose float32 RNNs may use TF32; the tests switch TF32 off, so that the
 rule's bound is torch.nn's true float32 error. Dropout in training mode: cuDNN draws its masks inside its
@@ -12,8 +19,12 @@ torch.nn on the CPU), both drawing their masks from the CPU generator through a 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import os
+import zlib
+from typing import Callable
 
 import pytest
 import torch
@@ -24,6 +35,8 @@ from helpers import CELL_KINDS, RNN_KINDS, cell_inputs, check_twin, leaf, rnn_in
 from rnnkernels import functional, ops, reference
 from test_modules import ALL_CASES, BF16_CASES, RNN_CASES, LSTM_CASES, build_case
 from test_ops import OP_CELLS, OP_IDS, op_args
+
+import cuda_emulation
 
 CUDA = pytest.mark.cuda
 # (path, hidden_size): 16 runs on both paths in every dtype (rows of 16-byte vectors); 6 only stepwise.
@@ -52,6 +65,26 @@ def test_cuda_build_carries_cuda_kernels():
 
 
 # ------------------------------------------------------------------------------------------ fixtures
+@dataclasses.dataclass(frozen=True)
+class Target:
+    device: str  # where the tensors live
+    backend: str  # the rnnkernels backend that runs them
+    cpu_kernels: Callable  # a context manager inside which CPU tensors run the CPU kernels
+
+
+@pytest.fixture(params=[pytest.param("gpu", marks=CUDA), "emulated"])
+def target(request):
+    """Where the test runs the CUDA backend: on the GPU, or in the host emulation on CPU tensors."""
+    if request.param == "gpu":
+        yield Target("cuda", "cuda", contextlib.nullcontext)
+        return
+    if ops.LOAD_ERROR is not None or cuda_emulation.UNSUPPORTED is not None:
+        pytest.skip(cuda_emulation.UNSUPPORTED or "compiled extension not loaded")
+    # Each test its own order of threads, the same in every run.
+    with cuda_emulation.Installation(seed=zlib.crc32(request.node.nodeid.encode())) as installation:
+        yield Target("cpu", "cpu", installation.paused)
+
+
 @pytest.fixture(autouse=True)
 def exact_float32():
     """No TF32 in torch.nn (cuDNN) or in cuBLAS, for the duration of each test."""
@@ -92,67 +125,75 @@ def has_projection(case: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- modules
-@CUDA
 @pytest.mark.parametrize("path,hidden", PATH_SIZES, ids=PATH_IDS)
 @pytest.mark.parametrize("kind,case", ALL_CASES, ids=[f"{k}-{c}" for k, c in ALL_CASES])
-def test_rnn_matches_torch_float32(kind, case, path, hidden, monkeypatch):
+def test_rnn_matches_torch_float32(kind, case, path, hidden, monkeypatch, target):
     if path == "persistent" and has_projection(case):
         pytest.skip("the projected LSTM runs stepwise")
     use_path(monkeypatch, path)
-    m, t, x, hx = build_case(kind, case, torch.float32, "cuda", device="cuda", hidden_size=hidden)
+    m, t, x, hx = build_case(kind, case, torch.float32, target.backend, device=target.device, hidden_size=hidden)
     ours = check_module(m, t, x, hx)
-    assert ours["h_n"].device.type == "cuda"
+    assert ours["h_n"].device.type == target.device
 
 
-@CUDA
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("path,hidden", PATH_SIZES, ids=PATH_IDS)
 @pytest.mark.parametrize("kind,case", BF16_CASES, ids=[f"{k}-{c}" for k, c in BF16_CASES])
-def test_rnn_matches_torch_half_precision(kind, case, path, hidden, dtype, monkeypatch):
+def test_rnn_matches_torch_half_precision(kind, case, path, hidden, dtype, monkeypatch, target):
     if path == "persistent" and has_projection(case):
         pytest.skip("the projected LSTM runs stepwise")
     use_path(monkeypatch, path)
-    m, t, x, hx = build_case(kind, case, dtype, "cuda", device="cuda", hidden_size=hidden)
+    m, t, x, hx = build_case(kind, case, dtype, target.backend, device=target.device, hidden_size=hidden)
     check_module(m, t, x, hx, seed=99)
 
 
-@CUDA
 @pytest.mark.parametrize("kind", list(RNN_KINDS))
-def test_rnn_float64_runs_stepwise(kind):
-    m, t, x, hx = build_case(kind, "packed_unsorted_hx_bidir_two_layers", torch.float64, "cuda", device="cuda",
-                             hidden_size=16)
+def test_rnn_float64_runs_stepwise(kind, target):
+    m, t, x, hx = build_case(kind, "packed_unsorted_hx_bidir_two_layers", torch.float64, target.backend,
+                             device=target.device, hidden_size=16)
     check_module(m, t, x, hx)
 
 
 # Sizes that split the work as real layers do: several units per block (H > multiprocessors), several
 # (batch, unit) pairs per thread, several row groups per warp, batch 1; packed, bidirectional, two layers.
-SIZES = [
-    ("LSTM", torch.float32, 264, 3, 7),
-    ("GRU", torch.bfloat16, 264, 300, 4),
-    ("RNN_tanh", torch.float16, 520, 40, 6),
-    ("RNN_relu", torch.float32, 128, 1, 9),
-    ("LSTM", torch.bfloat16, 1024, 64, 5),
-    ("GRU", torch.float32, 512, 16, 12),
-]
+# The GPU's 132 multiprocessors take larger layers than the emulation's 4 for the same splits.
+SIZES = {
+    "gpu": [
+        ("LSTM", torch.float32, 264, 3, 7),
+        ("GRU", torch.bfloat16, 264, 300, 4),
+        ("RNN_tanh", torch.float16, 520, 40, 6),
+        ("RNN_relu", torch.float32, 128, 1, 9),
+        ("LSTM", torch.bfloat16, 1024, 64, 5),
+        ("GRU", torch.float32, 512, 16, 12),
+    ],
+    "emulated": [
+        ("LSTM", torch.float32, 40, 3, 4),
+        ("GRU", torch.bfloat16, 40, 60, 3),
+        ("RNN_tanh", torch.float16, 72, 13, 3),
+        ("RNN_relu", torch.float32, 24, 1, 5),
+        ("LSTM", torch.bfloat16, 64, 16, 3),
+    ],
+}
+SIZE_PARAMS = [pytest.param(name, *size, marks=[CUDA] if name == "gpu" else [],
+                            id=f"{name}-{size[0]}-{str(size[1])[6:]}-H{size[2]}-B{size[3]}-T{size[4]}")
+               for name, sizes in SIZES.items() for size in sizes]
 
 
-@CUDA
 @pytest.mark.parametrize("path", ["persistent", "stepwise"])
-@pytest.mark.parametrize("kind,dtype,hidden,batch,steps", SIZES,
-                         ids=[f"{k}-{str(d)[6:]}-H{h}-B{b}-T{s}" for k, d, h, b, s in SIZES])
-def test_rnn_sizes(kind, dtype, hidden, batch, steps, path, monkeypatch):
+@pytest.mark.parametrize("target,kind,dtype,hidden,batch,steps", SIZE_PARAMS, indirect=["target"])
+def test_rnn_sizes(kind, dtype, hidden, batch, steps, path, monkeypatch, target):
     use_path(monkeypatch, path)
-    m = torch_module(kind, dtype=dtype, device="cuda", input_size=24, hidden_size=hidden, num_layers=2,
+    m = torch_module(kind, dtype=dtype, device=target.device, input_size=24, hidden_size=hidden, num_layers=2,
                      bidirectional=True)
-    t = twin(m, "cuda")
+    t = twin(m, target.backend)
     x, hx = rnn_inputs(m, T=steps, B=batch, hx=True, packed="unsorted" if batch > 1 else None)
     check_twin(m, t, x, hx)
 
 
-@CUDA
-def test_sizes_beyond_shared_memory_run_stepwise(monkeypatch):
-    m = torch_module("LSTM", dtype=torch.float32, device="cuda", input_size=8, hidden_size=2048)
-    t = twin(m, "cuda")
+def test_sizes_beyond_shared_memory_run_stepwise(monkeypatch, target):
+    hidden = 2048 if target.device == "cuda" else 512  # too large for 132 multiprocessors, for the emulation's 4
+    m = torch_module("LSTM", dtype=torch.float32, device=target.device, input_size=8, hidden_size=hidden)
+    t = twin(m, target.backend)
     x, hx = rnn_inputs(m, T=3, B=2, hx=True)
     check_twin(m, t, x, hx)  # auto: the weights do not fit, so stepwise
     use_path(monkeypatch, "persistent")
@@ -160,10 +201,9 @@ def test_sizes_beyond_shared_memory_run_stepwise(monkeypatch):
         t(x, hx)
 
 
-@CUDA
-def test_forced_path_errors(monkeypatch):
-    t = twin(torch_module("GRU", device="cuda", input_size=5, hidden_size=6), "cuda")
-    x = torch.randn(4, 2, 5, device="cuda")
+def test_forced_path_errors(monkeypatch, target):
+    t = twin(torch_module("GRU", device=target.device, input_size=5, hidden_size=6), target.backend)
+    x = torch.randn(4, 2, 5, device=target.device)
     use_path(monkeypatch, "persistent")
     with pytest.raises(RuntimeError, match="hidden_size must be a multiple of 4"):
         t(x)
@@ -192,24 +232,22 @@ def test_longer_than_cudnn_allows(kind, path, monkeypatch):
 CELL_CASES = [(kind, unbatched, bias) for kind in CELL_KINDS for unbatched in (False, True) for bias in (True, False)]
 
 
-@CUDA
 @pytest.mark.parametrize("batch", [4, 13], ids=lambda b: f"B{b}")  # the fused step kernel, the GEMM path
 @pytest.mark.parametrize("hidden", [16, 6], ids=lambda h: f"H{h}")
 @pytest.mark.parametrize("kind,unbatched,bias", CELL_CASES,
                          ids=[f"{k}-{'unbatched' if u else 'batched'}-{'bias' if b else 'nobias'}" for k, u, b in CELL_CASES])
-def test_cell_matches_torch(kind, unbatched, bias, hidden, batch):
+def test_cell_matches_torch(kind, unbatched, bias, hidden, batch, target):
     """The cells run the one-step operators on CUDA."""
-    m = torch_module(kind, dtype=torch.float32, device="cuda", input_size=5, hidden_size=hidden, bias=bias)
-    t = twin(m, "cuda")
+    m = torch_module(kind, dtype=torch.float32, device=target.device, input_size=5, hidden_size=hidden, bias=bias)
+    t = twin(m, target.backend)
     x, h = cell_inputs(m, B=batch, hx=True, unbatched=unbatched)
     check_twin(m, t, x, h)
 
 
-@CUDA
 @pytest.mark.parametrize("kind", list(CELL_KINDS))
-def test_cell_without_hx_and_in_bfloat16(kind):
-    m = torch_module(kind, dtype=torch.bfloat16, device="cuda", input_size=24, hidden_size=64)
-    t = twin(m, "cuda")
+def test_cell_without_hx_and_in_bfloat16(kind, target):
+    m = torch_module(kind, dtype=torch.bfloat16, device=target.device, input_size=24, hidden_size=64)
+    t = twin(m, target.backend)
     x, _ = cell_inputs(m, B=3)
     check_twin(m, t, x)
 
@@ -233,37 +271,35 @@ def step_twin(module: nn.Module, cell: str) -> nn.Module:
     return result
 
 
-@CUDA
 @pytest.mark.parametrize("batch", [1, 3, 8, 13], ids=lambda b: f"B{b}")  # fused kernel up to 8, GEMMs beyond
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["f32", "bf16", "f64"])
 @pytest.mark.parametrize("hidden,inputs", [(64, 32), (6, 5)], ids=["vectorised", "elementwise"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("cell", ops.CELLS)
-def test_step_op_matches_torch_cell(cell, bias, hidden, inputs, dtype, batch):
-    m = torch_module(STEP_KIND[cell], dtype=dtype, device="cuda", input_size=inputs, hidden_size=hidden, bias=bias)
+def test_step_op_matches_torch_cell(cell, bias, hidden, inputs, dtype, batch, target):
+    m = torch_module(STEP_KIND[cell], dtype=dtype, device=target.device, input_size=inputs, hidden_size=hidden, bias=bias)
     x, hx = cell_inputs(m, B=batch, hx=True)
     check_twin(m, step_twin(m, cell), x, hx)
 
 
-def step_args(cell, projected=False, B=4, I=8, H=16, P=8, dtype=torch.float32, requires_grad=False):
+def step_args(device, cell, projected=False, B=4, I=8, H=16, P=8, dtype=torch.float32, requires_grad=False):
     g = torch.Generator().manual_seed(3)
     G = reference.GATES[cell]
     P = P if projected else H
 
     def rand(*shape):
-        t = torch.randn(*shape, dtype=torch.float64, generator=g).to(device="cuda", dtype=dtype)
+        t = torch.randn(*shape, dtype=torch.float64, generator=g).to(device=device, dtype=dtype)
         return t.requires_grad_(requires_grad)
 
     return (rand(B, I), rand(B, P), rand(B, H) if cell == "lstm" else None, rand(G * H, I), rand(G * H, P),
             rand(G * H), rand(G * H), rand(P, H) if projected else None)
 
 
-@CUDA
 @pytest.mark.parametrize("batch", [2, 11])
 @pytest.mark.parametrize("cell,projected", OP_CELLS, ids=OP_IDS)
-def test_step_op_is_one_step_of_the_sequence_op(cell, projected, batch):
+def test_step_op_is_one_step_of_the_sequence_op(cell, projected, batch, target):
     """h_next, c_next and the workspace equal one step of the forward operator."""
-    x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr = step_args(cell, projected, B=batch)
+    x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr = step_args(target.device, cell, projected, B=batch)
     h_next, c_next, workspace = getattr(torch.ops.rnnkernels, f"{cell}_step")(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
     gx = torch.nn.functional.linear(x, w_ih, b_ih).unsqueeze(0)
     output, h_n, c_n, seq_workspace = ops.forward_op(cell)(gx, h, c, w_hh, b_hh, w_hr, None, False)
@@ -276,10 +312,9 @@ def test_step_op_is_one_step_of_the_sequence_op(cell, projected, batch):
     assert getattr(torch.ops.rnnkernels, f"{cell}_step")(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, False)[2].shape == (batch, 0)
 
 
-@CUDA
 @pytest.mark.parametrize("cell,projected", OP_CELLS, ids=OP_IDS)
-def test_step_op_gradcheck(cell, projected):
-    args = step_args(cell, projected, B=3, I=3, H=4, P=2, dtype=torch.float64, requires_grad=True)
+def test_step_op_gradcheck(cell, projected, target):
+    args = step_args(target.device, cell, projected, B=3, I=3, H=4, P=2, dtype=torch.float64, requires_grad=True)
     op = getattr(torch.ops.rnnkernels, f"{cell}_step")
 
     def f(*a):
@@ -289,22 +324,21 @@ def test_step_op_gradcheck(cell, projected):
     assert torch.autograd.gradcheck(f, args, atol=1e-7, rtol=1e-5)
 
 
-@CUDA
 @pytest.mark.parametrize("batch,dtype", [(2, torch.float32), (11, torch.float32), (2, torch.float64)],
                          ids=["fused", "gemms", "f64"])
 @pytest.mark.parametrize("cell,projected", OP_CELLS, ids=OP_IDS)
-def test_opcheck_step(cell, projected, batch, dtype):
-    args = step_args(cell, projected, B=batch, dtype=dtype, requires_grad=True)
+def test_opcheck_step(cell, projected, batch, dtype, target):
+    args = step_args(target.device, cell, projected, B=batch, dtype=dtype, requires_grad=True)
     torch.library.opcheck(getattr(torch.ops.rnnkernels, f"{cell}_step"), args)
 
 
 # ------------------------------------------------------------------------------------------- opcheck
-def on_cuda(args):
-    """op_args moved to the GPU (lengths stay on the CPU, as the operators require)."""
+def on(target, args):
+    """op_args moved to the target's device (lengths stay on the CPU, as the operators require)."""
     moved = []
     for a in args:
         if isinstance(a, torch.Tensor) and a.is_floating_point():
-            a = a.detach().to("cuda").requires_grad_(a.requires_grad)
+            a = a.detach().to(target.device).requires_grad_(a.requires_grad)
         moved.append(a)
     return moved
 
@@ -316,22 +350,21 @@ OPCHECK_VARIANTS = {
 }
 
 
-@CUDA
 @pytest.mark.parametrize("path,dtype", [("persistent", torch.float32), ("stepwise", torch.float32),
                                         ("stepwise", torch.float64)], ids=["persistent-f32", "stepwise-f32", "f64"])
 @pytest.mark.parametrize("variant", list(OPCHECK_VARIANTS))
 @pytest.mark.parametrize("cell,projected", OP_CELLS, ids=OP_IDS)
-def test_opcheck_forward_and_backward(cell, projected, variant, path, dtype, monkeypatch):
+def test_opcheck_forward_and_backward(cell, projected, variant, path, dtype, monkeypatch, target):
     if path == "persistent" and projected:
         pytest.skip("the projected LSTM runs stepwise")
     use_path(monkeypatch, path)
-    args = on_cuda(op_args(cell, projected, H=8, P=4, dtype=dtype, **OPCHECK_VARIANTS[variant]))
+    args = on(target, op_args(cell, projected, H=8, P=4, dtype=dtype, **OPCHECK_VARIANTS[variant]))
     torch.library.opcheck(ops.forward_op(cell), tuple(args))
     plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
     output, h_n, c_n, workspace = ops.forward_op(cell)(*plain)
     _, h0, c0, w_hh, _, w_hr, lengths, reverse = plain
     g = torch.Generator().manual_seed(7)
-    grads = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(device="cuda", dtype=dtype)
+    grads = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(device=target.device, dtype=dtype)
              for t in (output, h_n, c_n)]
     backward = getattr(torch.ops.rnnkernels, f"{cell}_backward")
     grad_c_n = grads[2] if cell == "lstm" else None
@@ -339,10 +372,9 @@ def test_opcheck_forward_and_backward(cell, projected, variant, path, dtype, mon
                                      workspace))
 
 
-@CUDA
 @pytest.mark.parametrize("cell,projected", OP_CELLS, ids=OP_IDS)
-def test_gradcheck_forward_op_float64(cell, projected):
-    args = on_cuda(op_args(cell, projected, H=3, P=2, lengths=[3, 1, 0], reverse=True))
+def test_gradcheck_forward_op_float64(cell, projected, target):
+    args = on(target, op_args(cell, projected, H=3, P=2, lengths=[3, 1, 0], reverse=True))
 
     def f(*a):
         output, h_n, c_n, _ = ops.forward_op(cell)(*a)
@@ -351,14 +383,16 @@ def test_gradcheck_forward_op_float64(cell, projected):
     assert torch.autograd.gradcheck(f, args, atol=1e-7, rtol=1e-5)
 
 
-@CUDA
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("lengths,reverse", [(None, False), ([5, 0, 3, 1], True), ([2, 5, 5, 4], False)],
                          ids=["full", "lengths_reverse", "lengths"])
 @pytest.mark.parametrize("cell", ops.CELLS)
-def test_paths_agree(cell, lengths, reverse, dtype, monkeypatch):
-    """Both paths give the same forward outputs (workspace included) and the same six gradients."""
-    args = on_cuda(op_args(cell, T=5, B=4, H=16, lengths=lengths, reverse=reverse, dtype=dtype, requires_grad=False))
+def test_paths_agree(cell, lengths, reverse, monkeypatch, target):
+    """Both paths give the same forward outputs (workspace included) and the same six gradients, in float32.
+    In bfloat16 they round differently (the stepwise GEMM rounds h W_hh^T to bfloat16, the persistent
+    kernel keeps it in float), so there they agree only within bfloat16's error, which the module tests
+    hold to torch.nn's on each path."""
+    args = on(target, op_args(cell, T=5, B=4, H=16, lengths=lengths, reverse=reverse, dtype=torch.float32,
+                              requires_grad=False))
     g = torch.Generator().manual_seed(11)
     results = {}
     for path in ("persistent", "stepwise"):
@@ -366,42 +400,38 @@ def test_paths_agree(cell, lengths, reverse, dtype, monkeypatch):
         forward = ops.forward_op(cell)(*args)
         output, h_n, c_n, workspace = forward
         _, h0, c0, w_hh, _, w_hr, lengths_t, _ = args
-        grads = [torch.randn(t.shape, generator=g.manual_seed(11 + i), dtype=torch.float64).to("cuda", dtype)
+        grads = [torch.randn(t.shape, generator=g.manual_seed(11 + i), dtype=torch.float64).to(target.device, torch.float32)
                  for i, t in enumerate((output, h_n, c_n))]
         backward = getattr(torch.ops.rnnkernels, f"{cell}_backward")(
             grads[0], grads[1], grads[2] if cell == "lstm" else None, h0, c0, w_hh, w_hr, lengths_t, reverse,
             output, workspace)
         results[path] = list(forward) + list(backward)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
     names = ["output", "h_n", "c_n", "workspace", "grad_gx", "grad_h0", "grad_c0", "grad_w_hh", "grad_b_hh", "grad_w_hr"]
     for name, a, b in zip(names, results["persistent"], results["stepwise"]):
-        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol, msg=name)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-@CUDA
 @pytest.mark.parametrize("path", ["auto", "stepwise"])
 @pytest.mark.parametrize("cell,projected", OP_CELLS, ids=OP_IDS)
-def test_zero_hidden_size_matches_cpu(cell, projected, path, monkeypatch):
+def test_zero_hidden_size_matches_cpu(cell, projected, path, monkeypatch, target):
     """H = 0 is a legal shape (the CPU kernels accept it; a projected LSTM then outputs zeros): the CUDA
     operators give the CPU's results rather than a division by zero in the planner or 0-block launches."""
     use_path(monkeypatch, path)
-    cpu_args = op_args(cell, projected, H=0, P=2, lengths=[2, 0, 3], requires_grad=False)
-    results = []
-    for args in (cpu_args, on_cuda(cpu_args)):
-        output, h_n, c_n, workspace = ops.forward_op(cell)(*args)
-        _, h0, c0, w_hh, _, w_hr, lengths, reverse = args
+    sequence_args = op_args(cell, projected, H=0, P=2, lengths=[2, 0, 3], requires_grad=False)
+    one_step_args = step_args("cpu", cell, projected, B=2, H=0, dtype=torch.float64)
+
+    def results(sequence, one_step):
+        output, h_n, c_n, workspace = ops.forward_op(cell)(*sequence)
+        _, h0, c0, w_hh, _, w_hr, lengths, reverse = sequence
         grads = [torch.ones_like(t) for t in (output, h_n, c_n)]
         backward = getattr(torch.ops.rnnkernels, f"{cell}_backward")(
             grads[0], grads[1], grads[2] if cell == "lstm" else None, h0, c0, w_hh, w_hr, lengths, reverse,
             output, workspace)
-        results.append([output, h_n, c_n, workspace, *backward])
-    for ours, cpu in zip(results[1], results[0]):
-        torch.testing.assert_close(ours.cpu(), cpu)
-    x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr = step_args(cell, projected, B=2, H=0, dtype=torch.float64)
-    step = getattr(torch.ops.rnnkernels, f"{cell}_step")
-    on_gpu = step(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
-    on_cpu = step(*[t.cpu() if t is not None else None for t in (x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr)])
-    for ours, cpu in zip(on_gpu, on_cpu):
+        return [output, h_n, c_n, workspace, *backward, *getattr(torch.ops.rnnkernels, f"{cell}_step")(*one_step)]
+
+    with target.cpu_kernels():
+        expected = results(sequence_args, one_step_args)
+    for ours, cpu in zip(results(on(target, sequence_args), on(target, one_step_args)), expected, strict=True):
         torch.testing.assert_close(ours.cpu(), cpu)
 
 

@@ -3,13 +3,20 @@
 //
 // Layouts are those of the CPU kernels (csrc/recurrence_args.h): time-major, rows of G*H gates in
 // torch.nn's gate order, the workspace per (t, b) gate-major (column k*H + j holds value k of unit j).
+//
+// Device code is compiled by nvcc, and by the host emulation of tests/cuda_emulation (RNNKERNELS_CUDA_EMULATION),
+// which runs these same kernels on the CPU with one fiber per CUDA thread; that emulation supplies the few
+// device primitives marked below.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "../cell_math.h"
 #include "../recurrence_args.h"
@@ -75,6 +82,29 @@ RK_HD void unit_backward(T dh, T& dc, const T (&ws)[5], T prev, T h, T (&dgx)[4]
 }
 
 #if defined(__CUDACC__)
+// The primitives the host emulation replaces: the block's dynamic shared memory, and launches on the
+// current stream (a cooperative launch for kernels that synchronise the grid).
+template <typename T>
+__device__ __forceinline__ T* dynamic_shared() {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  return reinterpret_cast<T*>(shared_bytes);
+}
+
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), unsigned blocks, unsigned threads, size_t smem, Args&&... args) {
+  kernel<<<blocks, threads, smem, at::cuda::getCurrentCUDAStream()>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename... Params>
+void launch_cooperative(void (*kernel)(Params...), unsigned blocks, unsigned threads, size_t smem, Params... args) {
+  void* params[] = {&args...};
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), blocks, threads, params, smem,
+                                             at::cuda::getCurrentCUDAStream()));
+}
+#endif
+
+#if defined(__CUDACC__) || defined(RNNKERNELS_CUDA_EMULATION)
 // 16-byte vectors: elements per vector, and the vector as an array.
 template <typename scalar_t>
 constexpr int kVec = 16 / static_cast<int>(sizeof(scalar_t));

@@ -12,8 +12,6 @@
 // H a multiple of kVec (rows of 16 bytes); every tensor contiguous; buffers the kernels read with 16-byte
 // loads (hbuf, grad_gh) allocated here, so 16-byte aligned; B * units <= kItems * kThreads; the grid
 // co-resident (the occupancy API sizes it, the cooperative launch verifies it).
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <cooperative_groups.h>
 
 #include <map>
@@ -109,11 +107,10 @@ struct Item {
 template <Cell cell, typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<scalar_t> a) {
   constexpr int G = static_cast<int>(gates_of(cell)), W = workspace_values(cell);
-  extern __shared__ __align__(16) unsigned char smem[];
   const int B = a.B, H = a.H, U = a.units, R = G * U;
   const int u0 = blockIdx.x * U, mine = min(U, H - u0), n = B * mine;
   // Shared row g * U + u holds W_hh row g * H + u0 + u (zeros past H), then the pre-activations (B x R).
-  scalar_t* w = reinterpret_cast<scalar_t*>(smem);
+  scalar_t* w = dynamic_shared<scalar_t>();
   float* pre = reinterpret_cast<float*>(w + static_cast<int64_t>(R) * H);
   for (int64_t e = threadIdx.x; e < static_cast<int64_t>(R) * H; e += kThreads) {
     const int row = static_cast<int>(e / H), k = static_cast<int>(e % H), g = row / U, u = row % U;
@@ -181,11 +178,10 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<
 template <Cell cell, typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArgs<scalar_t> a) {
   constexpr int G = static_cast<int>(gates_of(cell)), W = workspace_values(cell);
-  extern __shared__ __align__(16) unsigned char smem[];
   const int B = a.B, H = a.H, U = a.units, K = G * H;
   const int u0 = blockIdx.x * U, mine = min(U, H - u0), n = B * mine;
   // Shared row u holds W_hh column u0 + u (zeros past H), then dh_{t-1} of the block's units (B x U).
-  scalar_t* w = reinterpret_cast<scalar_t*>(smem);
+  scalar_t* w = dynamic_shared<scalar_t>();
   float* rec = reinterpret_cast<float*>(w + static_cast<int64_t>(U) * K);
   for (int64_t e = threadIdx.x; e < static_cast<int64_t>(U) * K; e += kThreads) {
     const int r = static_cast<int>(e / U), u = static_cast<int>(e % U);  // consecutive threads, consecutive columns
@@ -255,13 +251,6 @@ const scalar_t* maybe(const std::optional<Tensor>& t) {
 template <typename scalar_t>
 scalar_t* maybe(const Tensor& t) {
   return t.defined() && t.numel() > 0 ? t.data_ptr<scalar_t>() : nullptr;
-}
-
-template <typename Args>
-void launch(const void* kernel, const PersistentPlan& plan, Args args) {
-  void* params[] = {&args};
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, plan.blocks, kThreads, params, plan.smem,
-                                             at::cuda::getCurrentCUDAStream()));
 }
 
 template <Cell cell, typename scalar_t>
@@ -359,7 +348,7 @@ void persistent_forward(const PersistentPlan& plan, const RecurrenceDims& d, con
                                        w_hh.data_ptr<scalar_t>(), maybe<scalar_t>(b_hh), output.data_ptr<scalar_t>(),
                                        h_n.data_ptr<scalar_t>(), maybe<scalar_t>(c_n), maybe<scalar_t>(workspace),
                                        hbuf.data_ptr<scalar_t>()};
-      launch(kernel_of<cell, scalar_t>(false), plan, args);
+      launch_cooperative(forward_kernel<cell, scalar_t>, plan.blocks, kThreads, plan.smem, args);
     }
   });
 }
@@ -379,7 +368,7 @@ void persistent_backward(const PersistentPlan& plan, const RecurrenceDims& d, co
                                         maybe<scalar_t>(workspace), grad_gx.data_ptr<scalar_t>(),
                                         grad_gh.data_ptr<scalar_t>(), grad_h0.data_ptr<scalar_t>(),
                                         maybe<scalar_t>(grad_c0)};
-      launch(kernel_of<cell, scalar_t>(true), plan, args);
+      launch_cooperative(backward_kernel<cell, scalar_t>, plan.blocks, kThreads, plan.smem, args);
     }
   });
 }

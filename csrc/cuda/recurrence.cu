@@ -6,8 +6,6 @@
 // the kernels read with 16-byte loads are allocated by the paths themselves. lengths lives on the CPU
 // (checked there) and is copied to the device per call: no host synchronisation, but not capturable in a
 // CUDA graph.
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cstdlib>
@@ -73,10 +71,9 @@ Tensor previous_states(const Steps& steps, const RecurrenceDims& d, const Tensor
   if (n == 0) return h_prev;
   constexpr int threads = 256;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, output.scalar_type(), "rnnkernels_previous_states", [&] {
-    previous_states_kernel<scalar_t><<<static_cast<unsigned>((n + threads - 1) / threads), threads, 0,
-                                       at::cuda::getCurrentCUDAStream()>>>(
-        steps, d.B, d.P, h0.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), h_prev.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch_kernel(previous_states_kernel<scalar_t>, static_cast<unsigned>((n + threads - 1) / threads), threads,
+                        0, steps, d.B, d.P, h0.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(),
+                        h_prev.data_ptr<scalar_t>());
   });
   return h_prev;
 }

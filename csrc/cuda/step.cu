@@ -10,8 +10,6 @@
 //
 // Assumes: x, h, c, weights and biases contiguous (made so here); 16-byte loads only where I and H are
 // multiples of kVec and the four pointers 16-byte aligned (checked here), element loads otherwise.
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cstdint>
@@ -143,8 +141,7 @@ void fused_step(const RecurrenceDims& d, const Tensor& x, const Tensor& h, const
                               aligned16(w_ih) && aligned16(w_hh);
       const auto kernel = vectorized ? fused_step_kernel<cell, true, scalar_t> : fused_step_kernel<cell, false, scalar_t>;
       const auto blocks = static_cast<unsigned>((d.H + kWarps - 1) / kWarps);
-      kernel<<<blocks, kWarps * 32, 0, at::cuda::getCurrentCUDAStream()>>>(args);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch_kernel(kernel, blocks, kWarps * 32, 0, args);
     }
   });
 }

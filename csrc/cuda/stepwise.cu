@@ -7,8 +7,6 @@
 // beyond the element's; buffers that only active (t, b) write arrive zeroed where lengths are given.
 // Element indices fit in int64; a kernel covers at most B * max(H, P) elements of one step.
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 
 #include "kernels.cuh"
 
@@ -17,13 +15,12 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Runs kernel over n elements on the stream. None where n is 0 (H = 0 or P = 0, legal shapes): a grid of
-// 0 blocks is a launch error.
+// Runs kernel over n elements. None where n is 0 (H = 0 or P = 0, legal shapes): a grid of 0 blocks is a
+// launch error.
 template <typename Kernel, typename... Args>
-void launch(Kernel kernel, int64_t n, cudaStream_t stream, Args... args) {
+void launch(Kernel kernel, int64_t n, Args... args) {
   if (n == 0) return;
-  kernel<<<static_cast<int>((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(args...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kernel, static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, args...);
 }
 
 // One time step's pointwise work after the GEMM gh = h W_hh^T + b_hh. h_out receives the new hidden
@@ -142,20 +139,19 @@ void forward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gx,
                   Tensor& output, Tensor& workspace) {
   const int64_t T = d.T, B = d.B, H = d.H, P = d.P, GH = d.G * d.H, W = workspace_width(cell, H);
   const bool projected = w_hr.has_value(), keep = workspace.size(2) > 0;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   Tensor gh = at::empty({B, GH}, gx.options());
   Tensor m = projected ? at::empty({B, H}, gx.options()) : h;
   const Tensor w_hh_t = w_hh.t();
   for (int64_t step = 0; step < T; ++step) {
     const int64_t t = steps.time(step);
     b_hh.has_value() ? at::addmm_out(gh, *b_hh, h, w_hh_t) : at::mm_out(gh, h, w_hh_t);
-    launch(forward_step_kernel<cell, scalar_t>, B * H, stream, steps, t, B, H, ptr<scalar_t>(gx, t * B * GH),
+    launch(forward_step_kernel<cell, scalar_t>, B * H, steps, t, B, H, ptr<scalar_t>(gx, t * B * GH),
            ptr<scalar_t>(gh), ptr<scalar_t>(h), ptr<scalar_t>(c), ptr<scalar_t>(m),
            projected ? nullptr : ptr<scalar_t>(output, t * B * P), keep ? ptr<scalar_t>(workspace, t * B * W) : nullptr);
     if (projected) {
       Tensor out_t = output[t];
       at::mm_out(out_t, m, w_hr->t());
-      launch(projection_step_kernel<scalar_t>, B * P, stream, steps, t, B, P, ptr<scalar_t>(h),
+      launch(projection_step_kernel<scalar_t>, B * P, steps, t, B, P, ptr<scalar_t>(h),
              ptr<scalar_t>(output, t * B * P));
     }
   }
@@ -168,7 +164,6 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
                    Tensor& dh_all, Tensor& m_all) {
   const int64_t T = d.T, B = d.B, H = d.H, P = d.P;
   const bool projected = w_hr.has_value();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   Tensor carry = at::empty({B, P}, dh.options());
   Tensor dm = projected ? at::empty({B, H}, dh.options()) : Tensor();
   const auto cell_step = projected ? backward_step_kernel<cell, true, scalar_t>
@@ -176,11 +171,11 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
   for (int64_t step = T - 1; step >= 0; --step) {
     const int64_t t = steps.time(step);
     if (projected) {
-      launch(accumulate_step_kernel<scalar_t>, B * P, stream, steps, t, B, P, ptr<scalar_t>(grad_output, t * B * P),
+      launch(accumulate_step_kernel<scalar_t>, B * P, steps, t, B, P, ptr<scalar_t>(grad_output, t * B * P),
              ptr<scalar_t>(dh), ptr<scalar_t>(dh_all, t * B * P), ptr<scalar_t>(carry));
       at::mm_out(dm, dh, *w_hr);
     }
-    launch(cell_step, B * H, stream, steps, t, B, H, projected ? ptr<scalar_t>(dm) : ptr<scalar_t>(dh),
+    launch(cell_step, B * H, steps, t, B, H, projected ? ptr<scalar_t>(dm) : ptr<scalar_t>(dh),
            ptr<scalar_t>(grad_output), ptr<scalar_t>(workspace), ptr<scalar_t>(output), ptr<scalar_t>(h0),
            ptr<scalar_t>(c0), ptr<scalar_t>(dc), ptr<scalar_t>(grad_gx), ptr<scalar_t>(grad_gh), ptr<scalar_t>(m_all),
            ptr<scalar_t>(carry));

@@ -1,0 +1,93 @@
+"""The CUDA backend run on the CPU: csrc/cuda built as C++ against the host emulation of emulation.h (each
+CUDA thread a fiber), and installed as the CPU kernels of the rnnkernels operators while a test runs, so
+that the CUDA tests (tests/test_cuda.py) check the kernels' logic on machines without a GPU."""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.utils import cpp_extension
+
+HERE = Path(__file__).resolve().parent
+CUDA_SOURCES = HERE.parent.parent / "csrc" / "cuda"
+OPERATORS = [f"{cell}_{op}" for cell in ("lstm", "gru", "rnn_tanh", "rnn_relu") for op in ("forward", "backward", "step")]
+OPERATORS.append("linear")
+if not sys.platform.startswith("linux"):
+    UNSUPPORTED = "the emulation's fibers (ucontext) are built on Linux only"
+elif not cpp_extension.is_ninja_available():
+    UNSUPPORTED = "building the emulation needs ninja (pip install ninja)"
+else:
+    UNSUPPORTED = None
+
+_module = []
+
+
+def module():
+    """The emulated CUDA backend, built on first use (about a minute on two cores; reused after)."""
+    if not _module:
+        build = Path(tempfile.gettempdir()) / f"rnnkernels-cuda-emulation-{getpass.getuser()}"
+        build.mkdir(parents=True, exist_ok=True)
+        sources = []
+        for source in sorted(CUDA_SOURCES.glob("*.cu")):  # compiled as C++: one wrapper per file
+            wrapper = build / f"{source.stem}.cpp"
+            text = f'#include "{source}"\n'
+            if not wrapper.exists() or wrapper.read_text() != text:
+                wrapper.write_text(text)
+            sources.append(str(wrapper))
+        _module.append(cpp_extension.load(
+            name="rnnkernels_cuda_emulation",
+            sources=sources + [str(HERE / "bindings.cpp")],
+            extra_cflags=["-O2", "-fvisibility=hidden", "-DRNNKERNELS_CUDA_EMULATION", "-include",
+                          str(HERE / "emulation.h")],
+            extra_include_paths=[str(HERE / "include")],
+            build_directory=str(build),
+            verbose=os.environ.get("RNNKERNELS_EMULATION_VERBOSE") == "1",
+        ))
+    return _module[0]
+
+
+class Installation:
+    """While entered, the rnnkernels operators on CPU tensors run the emulated CUDA backend, on a device of
+    `multiprocessors` multiprocessors whose threads run in an order drawn from `seed`."""
+
+    def __init__(self, multiprocessors: int = 4, seed: int = 0):
+        self.emulated = module()
+        self.multiprocessors, self.seed = multiprocessors, seed
+        self.library = None
+
+    def __enter__(self) -> Installation:
+        self.emulated.configure(self.multiprocessors, self.seed)
+        self.library = torch.library.Library("rnnkernels", "IMPL")
+        for name in OPERATORS:
+            self.library.impl(name, _positional(name, getattr(self.emulated, name)), "CPU")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.library._destroy()  # the CPU kernels registered before are the operators' again
+        self.library = None
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Inside the block, the operators run their own CPU kernels."""
+        self.__exit__()
+        try:
+            yield
+        finally:
+            self.__enter__()
+
+def _positional(name: str, function):
+    """function called with every argument of operator `name` in schema order, defaults filled in (the
+    dispatcher leaves out those left at their defaults; the bound C++ functions take all)."""
+    arguments = getattr(torch.ops.rnnkernels, name).default._schema.arguments
+
+    def kernel(*args, **kwargs):
+        rest = [kwargs.get(a.name, a.default_value) for a in arguments[len(args):]]
+        return function(*args, *rest)
+
+    return kernel

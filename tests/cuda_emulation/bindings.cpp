@@ -1,0 +1,89 @@
+// The CUDA backend's operator implementations (csrc/cuda/recurrence_cuda.h), built for the host emulation,
+// as Python functions named like the operators; tests/test_cuda_emulated.py installs them as the CPU
+// kernels of the rnnkernels operators while a test runs.
+#include <torch/extension.h>
+
+#include "../../csrc/cuda/kernels.cuh"
+#include "../../csrc/cuda/recurrence_cuda.h"
+
+namespace {
+
+// Kernels that break CUDA's rules on purpose, so that tests see the emulation report each mistake.
+// Each thread stores its index in shared memory and reads its neighbour's, with or without the barrier.
+__global__ void neighbour(int* out, bool barrier) {
+  int* shared = rnnkernels::cuda::dynamic_shared<int>();
+  shared[threadIdx.x] = static_cast<int>(threadIdx.x);
+  if (barrier) __syncthreads();
+  out[threadIdx.x] = shared[(threadIdx.x + 1) % blockDim.x];
+}
+
+__global__ void split_barrier() {  // the first warp waits at __syncthreads, the rest at grid.sync
+  if (threadIdx.x < 32) {
+    __syncthreads();
+  } else {
+    cooperative_groups::this_grid().sync();
+  }
+}
+
+__global__ void shuffle_after_return(float* out) {
+  if (threadIdx.x % 32 == 0) return;
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.f, 1);
+}
+
+__global__ void misaligned_load(const float* in, float* out) {
+  out[0] = rnnkernels::cuda::load_readonly(in + 1).v[0];
+}
+
+__global__ void past_shared(float* out) {
+  float* shared = rnnkernels::cuda::dynamic_shared<float>();
+  shared[threadIdx.x + 1] = 1.f;  // the launch sizes blockDim.x floats
+  out[threadIdx.x] = 0.f;
+}
+
+at::Tensor probe(const std::string& name) {
+  using rnnkernels::cuda::launch_cooperative;
+  using rnnkernels::cuda::launch_kernel;
+  at::Tensor out = at::zeros({64}, at::kFloat);
+  if (name == "neighbour" || name == "neighbour_with_barrier") {
+    at::Tensor ints = at::zeros({64}, at::kInt);
+    launch_kernel(neighbour, 1, 64, 64 * sizeof(int), ints.data_ptr<int>(), name == "neighbour_with_barrier");
+    return ints;
+  }
+  if (name == "split_barrier") launch_cooperative(split_barrier, 1, 64, 0);
+  if (name == "shuffle_after_return") launch_kernel(shuffle_after_return, 1, 64, 0, out.data_ptr<float>());
+  if (name == "misaligned_load") launch_kernel(misaligned_load, 1, 32, 0, out.data_ptr<float>(), out.data_ptr<float>());
+  if (name == "past_shared") launch_kernel(past_shared, 1, 64, 64 * sizeof(float), out.data_ptr<float>());
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using rnnkernels::Cell;
+  m.def("linear", &rnnkernels::linear_cuda);
+#define RNNKERNELS_BIND(cell, prefix)                            \
+  m.def(prefix "_forward", &rnnkernels::forward_cuda<cell>);     \
+  m.def(prefix "_backward", &rnnkernels::backward_cuda<cell>);   \
+  m.def(prefix "_step", &rnnkernels::step_cuda<cell>);
+  RNNKERNELS_BIND(Cell::LSTM, "lstm")
+  RNNKERNELS_BIND(Cell::GRU, "gru")
+  RNNKERNELS_BIND(Cell::RNN_TANH, "rnn_tanh")
+  RNNKERNELS_BIND(Cell::RNN_RELU, "rnn_relu")
+#undef RNNKERNELS_BIND
+  m.def(
+      "configure",
+      [](int multiprocessors, uint64_t seed) {
+        auto& device = rnnkernels::emulation::device();
+        device.multiprocessors = multiprocessors;
+        device.seed = seed;
+      },
+      "The emulated device's multiprocessors, and the seed of the order its threads run in.");
+  m.def(
+      "launches",
+      [] {
+        const auto& device = rnnkernels::emulation::device();
+        return std::make_tuple(device.launches, device.cooperative_launches);
+      },
+      "Launches made so far: (plain, cooperative).");
+  m.def("probe", &probe, "Runs one of the rule-breaking kernels above by name.");
+}

@@ -1,0 +1,58 @@
+"""The host emulation that runs the CUDA backend's tests without a GPU (tests/cuda_emulation) reports the
+mistakes it claims to: each rule-breaking kernel of its bindings fails as a GPU would not let it pass, and
+the CUDA tests on the "emulated" target really run the emulated kernels, on the path they force."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cuda_emulation
+from helpers import rnn_inputs, torch_module, twin
+from rnnkernels import ops
+
+pytestmark = pytest.mark.skipif(ops.LOAD_ERROR is not None or cuda_emulation.UNSUPPORTED is not None,
+                                reason=cuda_emulation.UNSUPPORTED or "compiled extension not loaded")
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    return cuda_emulation.module()
+
+
+def test_a_missing_barrier_shows_in_the_results(emulated):
+    expected = torch.roll(torch.arange(64, dtype=torch.int32), -1)
+    for seed in range(3):
+        emulated.configure(4, seed)
+        assert torch.equal(emulated.probe("neighbour_with_barrier"), expected)
+        # Without the barrier, threads that run before their neighbour read shared memory nobody wrote yet.
+        assert not torch.equal(emulated.probe("neighbour"), expected)
+
+
+@pytest.mark.parametrize("name,message", [
+    ("split_barrier", "deadlocks; threads wait at different barriers: block 0: 32 at __syncthreads; "
+                      "block 0: 32 at grid.sync"),
+    ("shuffle_after_return", "shuffles with a full mask but its warp has 31 live lanes"),
+    ("misaligned_load", "not 16-byte aligned"),
+    ("past_shared", "wrote past the 256 bytes of its dynamic shared memory"),
+])
+def test_rule_breaking_kernels_raise(emulated, name, message):
+    with pytest.raises(RuntimeError, match=message):
+        emulated.probe(name)
+
+
+@pytest.mark.parametrize("path", ["persistent", "stepwise"])
+def test_the_emulated_target_runs_the_cuda_kernels(path, monkeypatch):
+    monkeypatch.setenv("RNNKERNELS_CUDA_PATH", path)
+    m = torch_module("GRU", input_size=5, hidden_size=16, num_layers=2)
+    x, _ = rnn_inputs(m, T=5, B=3)
+    with cuda_emulation.Installation() as installation:
+        plain, cooperative = installation.emulated.launches()
+        twin(m, "cpu")(x)[0].sum().backward()
+        plain_after, cooperative_after = installation.emulated.launches()
+    # Two layers, a forward and a backward sweep each: one cooperative launch per sweep on the persistent
+    # path; on the stepwise path one pointwise kernel per step and sweep, and none cooperative.
+    if path == "persistent":
+        assert cooperative_after - cooperative == 4
+    else:
+        assert cooperative_after == cooperative and plain_after - plain >= 2 * 2 * 5
