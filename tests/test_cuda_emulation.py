@@ -1,8 +1,15 @@
 """The host emulation that runs the CUDA backend's tests without a GPU (tests/cuda_emulation) reports the
 mistakes it claims to: each rule-breaking kernel of its bindings fails as a GPU would not let it pass, and
-the CUDA tests on the "emulated" target really run the emulated kernels, on the path they force."""
+the CUDA tests on the "emulated" target really run the emulated kernels, on the path they force. Built
+with AddressSanitizer, it stands in for compute-sanitizer's memcheck: the CUDA tests of every path run
+clean under it, and it does catch a kernel writing past its buffer."""
 
 from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +20,12 @@ from rnnkernels import ops
 
 pytestmark = pytest.mark.skipif(ops.LOAD_ERROR is not None or cuda_emulation.UNSUPPORTED is not None,
                                 reason=cuda_emulation.UNSUPPORTED or "compiled extension not loaded")
+
+
+TESTS = Path(__file__).resolve().parent
+# Every path and option of the CUDA backend: both sequence paths at sizes that split the work (and with
+# lengths, reverse, H = 0), the projected LSTM, float64, the fused and the GEMM one-step paths.
+SANITIZED_TESTS = "emulated and (sizes or paths_agree or zero_hidden or one_step or proj_ or float64_runs)"
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +69,30 @@ def test_the_emulated_target_runs_the_cuda_kernels(path, monkeypatch):
         assert cooperative_after - cooperative == 4
     else:
         assert cooperative_after == cooperative and plain_after - plain >= 2 * 2 * 5
+
+
+def run_sanitized(log: Path, *args: str) -> subprocess.CompletedProcess:
+    """python *args in a process that runs the emulation built with AddressSanitizer; its reports go to log.*
+    (pytest would otherwise swallow them with the output it captures)."""
+    env = cuda_emulation.sanitizer_environment()
+    env["ASAN_OPTIONS"] += f":log_path={log}"
+    return subprocess.run([sys.executable, *args], cwd=TESTS, env=env, capture_output=True, text=True)
+
+
+def reports(log: Path) -> str:
+    return "".join(p.read_text() for p in log.parent.glob(f"{log.name}.*"))
+
+
+@pytest.mark.slow
+def test_address_sanitizer_catches_a_write_past_a_buffer(tmp_path):
+    result = run_sanitized(tmp_path / "asan", "-c", "import cuda_emulation; cuda_emulation.module().probe('past_global')")
+    assert result.returncode != 0
+    assert re.search(r"heap-buffer-overflow .*\n(.*\n)*.* in .*past_global", reports(tmp_path / "asan")), result.stderr
+
+
+@pytest.mark.slow
+def test_cuda_backend_is_clean_under_address_sanitizer(tmp_path):
+    result = run_sanitized(tmp_path / "asan", "-m", "pytest", "test_cuda.py", "-q", "-p", "no:cacheprovider",
+                           "-k", SANITIZED_TESTS)
+    assert result.returncode == 0, result.stdout[-3000:] + reports(tmp_path / "asan")[-6000:]
+    assert int(re.search(r"(\d+) passed", result.stdout).group(1)) >= 60, result.stdout[-3000:]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -24,14 +25,21 @@ elif not cpp_extension.is_ninja_available():
     UNSUPPORTED = "building the emulation needs ninja (pip install ninja)"
 else:
     UNSUPPORTED = None
+# Set in processes started with sanitizer_environment(): they run the emulation built with AddressSanitizer.
+SANITIZED = os.environ.get("RNNKERNELS_EMULATION_SANITIZED") == "1"
 
-_module = []
+_modules = {}
 
 
-def module():
-    """The emulated CUDA backend, built on first use (about a minute on two cores; reused after)."""
-    if not _module:
-        build = Path(tempfile.gettempdir()) / f"rnnkernels-cuda-emulation-{getpass.getuser()}"
+def module(sanitized: bool = SANITIZED):
+    """The emulated CUDA backend, built on first use (about 40 s on two cores; reused after). `sanitized`:
+    built with AddressSanitizer, which then reports every access of the kernels and host code outside
+    the memory they were given; it loads only into a process started with sanitizer_environment()."""
+    if sanitized not in _modules:
+        if sanitized:  # the compiler and linker run without the sanitizer this process was started with
+            os.environ.pop("LD_PRELOAD", None)
+        name = "rnnkernels_cuda_emulation" + ("_asan" if sanitized else "")
+        build = Path(tempfile.gettempdir()) / f"{name}-{getpass.getuser()}"
         build.mkdir(parents=True, exist_ok=True)
         sources = []
         for source in sorted(CUDA_SOURCES.glob("*.cu")):  # compiled as C++: one wrapper per file
@@ -40,16 +48,28 @@ def module():
             if not wrapper.exists() or wrapper.read_text() != text:
                 wrapper.write_text(text)
             sources.append(str(wrapper))
-        _module.append(cpp_extension.load(
-            name="rnnkernels_cuda_emulation",
+        sanitizer = ["-fsanitize=address", "-fno-omit-frame-pointer"] if sanitized else []
+        _modules[sanitized] = cpp_extension.load(
+            name=name,
             sources=sources + [str(HERE / "bindings.cpp")],
             extra_cflags=["-O2", "-fvisibility=hidden", "-DRNNKERNELS_CUDA_EMULATION", "-include",
-                          str(HERE / "emulation.h")],
+                          str(HERE / "emulation.h"), *sanitizer],
+            extra_ldflags=sanitizer,
             extra_include_paths=[str(HERE / "include")],
             build_directory=str(build),
             verbose=os.environ.get("RNNKERNELS_EMULATION_VERBOSE") == "1",
-        ))
-    return _module[0]
+        )
+    return _modules[sanitized]
+
+
+def sanitizer_environment() -> dict:
+    """The environment of a process that runs the emulation sanitized: the compiler's libasan preloaded (it
+    must come first) with its libstdc++ (whose __cxa_throw the sanitizer wraps: without it a C++ exception
+    aborts), leak checks off (Python and torch keep memory to the end by design)."""
+    libraries = [subprocess.run([os.environ.get("CXX", "c++"), f"-print-file-name={name}"], capture_output=True,
+                                text=True, check=True).stdout.strip() for name in ("libasan.so", "libstdc++.so")]
+    return {**os.environ, "LD_PRELOAD": " ".join(libraries), "ASAN_OPTIONS": "detect_leaks=0",
+            "RNNKERNELS_EMULATION_SANITIZED": "1"}
 
 
 class Installation:

@@ -40,6 +40,8 @@ __global__ void past_shared(float* out) {
   out[threadIdx.x] = 0.f;
 }
 
+__global__ void past_global(float* out) { out[threadIdx.x + 1] = 1.f; }  // out holds blockDim.x floats
+
 at::Tensor probe(const std::string& name) {
   using rnnkernels::cuda::launch_cooperative;
   using rnnkernels::cuda::launch_kernel;
@@ -52,6 +54,7 @@ at::Tensor probe(const std::string& name) {
   if (name == "split_barrier") launch_cooperative(split_barrier, 1, 64, 0);
   if (name == "shuffle_after_return") launch_kernel(shuffle_after_return, 1, 64, 0, out.data_ptr<float>());
   if (name == "misaligned_load") launch_kernel(misaligned_load, 1, 32, 0, out.data_ptr<float>(), out.data_ptr<float>());
+  if (name == "past_global") launch_kernel(past_global, 1, 64, 0, out.data_ptr<float>());
   if (name == "past_shared") launch_kernel(past_shared, 1, 64, 64 * sizeof(float), out.data_ptr<float>());
   return out;
 }
