@@ -84,7 +84,7 @@ def nvcc_flags():
 
 
 def extension():
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/step_autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     if not build_cuda():
         return CppExtension(
             "rnnkernels._C", sources, extra_compile_args={"cxx": cxx_flags()}, extra_link_args=openmp_flags()

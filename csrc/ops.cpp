@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cpu/recurrence.h"
+#include "step_autograd.h"
 #ifdef RNNKERNELS_WITH_CUDA
 #include "cuda/recurrence_cuda.h"
 #endif
@@ -59,6 +60,16 @@ TORCH_LIBRARY_IMPL(rnnkernels, CPU, m) {
   m.impl("rnn_relu_forward", &rnnkernels::forward_cpu<Cell::RNN_RELU>);
   m.impl("rnn_relu_backward", &rnnkernels::backward_cpu<Cell::RNN_RELU>);
   m.impl("rnn_relu_step", &rnnkernels::step_cpu<Cell::RNN_RELU>);
+}
+
+// The one-step operators' autograd, for every device (the other operators' is registered from Python,
+// rnnkernels/ops.py, where it is shared with the Triton backend's).
+TORCH_LIBRARY_IMPL(rnnkernels, Autograd, m) {
+  using rnnkernels::Cell;
+  m.impl("lstm_step", &rnnkernels::step_autograd<Cell::LSTM>);
+  m.impl("gru_step", &rnnkernels::step_autograd<Cell::GRU>);
+  m.impl("rnn_tanh_step", &rnnkernels::step_autograd<Cell::RNN_TANH>);
+  m.impl("rnn_relu_step", &rnnkernels::step_autograd<Cell::RNN_RELU>);
 }
 
 #ifdef RNNKERNELS_WITH_CUDA

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import threading
 from typing import Callable
@@ -147,9 +148,17 @@ def select(requested: str, device: torch.device, dtype: torch.dtype) -> Backend:
     else:
         choice = check_name(os.environ.get("RNNKERNELS_BACKEND", "auto") or "auto")
     if choice == "auto":
-        order = AUTO_ORDER.get(device.type, FALLBACK_ORDER)
-        return next(_BY_NAME[name] for name in order if unsupported(name, device, dtype) is None)
+        return _BY_NAME[_first_supported(device.type, dtype, ops.LOAD_ERROR)]
     reason = unsupported(choice, device, dtype)
     if reason is not None:
         raise RuntimeError(f"rnnkernels: backend {choice!r} cannot run this input: {reason}")
     return _BY_NAME[choice]
+
+
+@functools.lru_cache(maxsize=None)
+def _first_supported(device_type: str, dtype: torch.dtype, load_error: str | None) -> str:
+    """The first backend of the device type's auto order that supports dtype. What backends support is
+    fixed once the extension is loaded, so the answer is cached (load_error is part of the key so that a
+    changed state of the extension is seen): a cell module asks once per generated token."""
+    order = AUTO_ORDER.get(device_type, FALLBACK_ORDER)
+    return next(name for name in order if unsupported(name, torch.device(device_type), dtype) is None)

@@ -159,40 +159,46 @@ class _CellBase(_Twin):
         return f"rnn_{self.nonlinearity}"
 
     def forward(self, input: Tensor, hx=None):
-        name = type(self).__name__
+        # Generation calls this once per token: parameters come from _parameters (nn.Module.__getattr__
+        # costs a few hundred nanoseconds a lookup), and the checks touch each tensor once.
         is_lstm = self._cell == "lstm"
-        if input.dim() not in (1, 2):
-            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
         states = list(hx) if is_lstm and hx is not None else ([] if hx is None else [hx])
-        for index, state in enumerate(states):
-            if state.dim() not in (1, 2):
-                label = f"hx[{index}]" if is_lstm else "hidden"
-                raise ValueError(f"{name}: Expected {label} to be 1D or 2D, got {state.dim()}D instead")
-        is_batched = input.dim() == 2
+        is_batched = self._check_dims(input, states)
         if not is_batched:
             input = input.unsqueeze(0)
             states = [state.unsqueeze(0) for state in states]
         if not states:
             zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
             states = [zeros, zeros] if is_lstm else [zeros]
-        self._check(input, states)
-
-        cell = self._cell_name()
+        params = self._parameters
+        w_ih = params["weight_ih"]
+        self._check(input, states, w_ih.dtype)
         backend = backends.select(self.backend, input.device, input.dtype)
         h, c = backend.step(
-            cell, input, states[0], states[1] if is_lstm else None, self.weight_ih, self.weight_hh,
-            self.bias_ih, self.bias_hh, None,
+            self._cell_name(), input, states[0], states[1] if is_lstm else None, w_ih, params["weight_hh"],
+            params["bias_ih"], params["bias_hh"], None,
         )
         if not is_batched:
             h = h.squeeze(0)
             c = c.squeeze(0) if is_lstm else None
         return (h, c) if is_lstm else h
 
-    def _check(self, input: Tensor, states: list[Tensor]) -> None:
+    def _check_dims(self, input: Tensor, states: list[Tensor]) -> bool:
+        """torch.nn's checks of the input's and states' dimensions; True for batched input."""
+        dims = input.dim()
+        if dims != 2 and dims != 1:
+            raise ValueError(f"{type(self).__name__}: Expected input to be 1D or 2D, got {dims}D instead")
+        for index, state in enumerate(states):
+            if state.dim() not in (1, 2):
+                label = f"hx[{index}]" if self._cell == "lstm" else "hidden"
+                raise ValueError(f"{type(self).__name__}: Expected {label} to be 1D or 2D, got {state.dim()}D instead")
+        return dims == 2
+
+    def _check(self, input: Tensor, states: list[Tensor], weight_dtype: torch.dtype) -> None:
         # The checks and messages of torch.nn's cell kernels.
-        if input.dtype != self.weight_ih.dtype:
+        if input.dtype != weight_dtype:
             raise RuntimeError(
-                f"expected scalar type {self.weight_ih.dtype} for the input of {type(self).__name__}, got {input.dtype}"
+                f"expected scalar type {weight_dtype} for the input of {type(self).__name__}, got {input.dtype}"
             )
         if input.size(1) != self.input_size:
             raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")

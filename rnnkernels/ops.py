@@ -121,43 +121,6 @@ def _autograd_backward(cell: str, prefix: str):
     return backward
 
 
-def _step_setup_context(ctx, inputs, output):
-    x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, _ = inputs
-    h_next, _, workspace = output
-    ctx.save_for_backward(x, h, c, w_ih, w_hh, w_hr, h_next, workspace)
-    ctx.set_materialize_grads(False)
-    ctx.has_biases = (b_ih is not None, b_hh is not None)
-
-
-def _step_autograd_backward(cell: str):
-    backward_op = getattr(torch.ops.rnnkernels, f"{cell}_backward")
-
-    def backward(ctx, grad_h_next, grad_c_next, _grad_workspace):
-        _check_not_double_backward()
-        x, h, c, w_ih, w_hh, w_hr, h_next, workspace = ctx.saved_tensors
-        grad_h_next = torch.zeros_like(h_next) if grad_h_next is None else grad_h_next
-        grads = backward_op(
-            grad_h_next.unsqueeze(0), torch.zeros_like(h), grad_c_next if cell == "lstm" else None, h, c, w_hh,
-            w_hr, None, False, h_next.unsqueeze(0), workspace.unsqueeze(0),
-        )
-        grad_gx, grad_h, grad_c, grad_w_hh, grad_b_hh, grad_w_hr = grads
-        needs = ctx.needs_input_grad
-        grad_x, grad_w_ih, grad_b_ih = _projection_grads(grad_gx[0], x, w_ih, needs[0], needs[3], ctx.has_biases[0])
-        return (
-            grad_x,
-            grad_h,
-            grad_c if cell == "lstm" else None,
-            grad_w_ih,
-            grad_w_hh,
-            grad_b_ih,
-            grad_b_hh if ctx.has_biases[1] else None,
-            grad_w_hr if w_hr is not None else None,
-            None,
-        )
-
-    return backward
-
-
 def _linear_setup_context(ctx, inputs, output):
     x, w, b = inputs
     ctx.save_for_backward(x, w)
@@ -193,14 +156,14 @@ def _register() -> None:
     torch.library.register_fake("rnnkernels::linear")(lambda x, w, b: x.new_empty(x.shape[0], w.shape[0]))
     torch.library.register_autograd("rnnkernels::linear", _linear_backward, setup_context=_linear_setup_context)
     register_recurrence_ops("")
-    for cell in CELLS:
-        step_name = f"rnnkernels::{cell}_step"
-        torch.library.register_fake(step_name)(_fake_step(cell))
-        torch.library.register_autograd(step_name, _step_autograd_backward(cell), setup_context=_step_setup_context)
+    for cell in CELLS:  # the step operators' autograd is C++ (csrc/step_autograd.cpp): called per token
+        torch.library.register_fake(f"rnnkernels::{cell}_step")(_fake_step(cell))
 
 
 if LOAD_ERROR is None:
     _register()
+    # Resolved once: generation calls a step operator per token, and each lookup costs about a microsecond.
+    _STEP_OPS = {cell: getattr(torch.ops.rnnkernels, f"{cell}_step").default for cell in CELLS}
 
 
 def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -247,7 +210,7 @@ def step(
 ) -> tuple[Tensor, Tensor | None]:
     """One time step of one layer through the fused step operator; same contract as backends.Backend.step."""
     inputs = (x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
-    h_next, c_next, _ = getattr(torch.ops.rnnkernels, f"{cell}_step")(*inputs, _needs_workspace(inputs))
+    h_next, c_next, _ = _STEP_OPS[cell](*inputs, _needs_workspace(inputs))
     return h_next, (c_next if cell == "lstm" else None)
 
 
