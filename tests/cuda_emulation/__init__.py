@@ -5,7 +5,9 @@ that the CUDA tests (tests/test_cuda.py) check the kernels' logic on machines wi
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import getpass
+import hashlib
 import os
 import subprocess
 import sys
@@ -39,7 +41,9 @@ def module(sanitized: bool = SANITIZED):
         if sanitized:  # the compiler and linker run without the sanitizer this process was started with
             os.environ.pop("LD_PRELOAD", None)
         name = "rnnkernels_cuda_emulation" + ("_asan" if sanitized else "")
-        build = Path(tempfile.gettempdir()) / f"{name}-{getpass.getuser()}"
+        # One build directory per checkout and torch, so that neither rebuilds the other's.
+        key = hashlib.sha1(f"{CUDA_SOURCES}{torch.__version__}".encode()).hexdigest()[:10]
+        build = Path(tempfile.gettempdir()) / f"{name}-{getpass.getuser()}-{key}"
         build.mkdir(parents=True, exist_ok=True)
         sources = []
         for source in sorted(CUDA_SOURCES.glob("*.cu")):  # compiled as C++: one wrapper per file
@@ -49,17 +53,36 @@ def module(sanitized: bool = SANITIZED):
                 wrapper.write_text(text)
             sources.append(str(wrapper))
         sanitizer = ["-fsanitize=address", "-fno-omit-frame-pointer"] if sanitized else []
-        _modules[sanitized] = cpp_extension.load(
-            name=name,
-            sources=sources + [str(HERE / "bindings.cpp")],
-            extra_cflags=["-O2", "-fvisibility=hidden", "-DRNNKERNELS_CUDA_EMULATION", "-include",
-                          str(HERE / "emulation.h"), *sanitizer],
-            extra_ldflags=sanitizer,
-            extra_include_paths=[str(HERE / "include")],
-            build_directory=str(build),
-            verbose=os.environ.get("RNNKERNELS_EMULATION_VERBOSE") == "1",
-        )
+        with _exclusive(build / "builder.lock"):
+            _modules[sanitized] = _load(name, build, sources, sanitizer)
     return _modules[sanitized]
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """Holds an flock on path. torch's builder marks a build in progress with a file named "lock" and waits
+    while it exists, forever if a killed build left it behind; under this flock no other build of the
+    directory runs, so a "lock" found then is such a leftover, and is removed."""
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        (path.parent / "lock").unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _load(name: str, build: Path, sources: list, sanitizer: list):
+    return cpp_extension.load(
+        name=name,
+        sources=sources + [str(HERE / "bindings.cpp")],
+        extra_cflags=["-O2", "-fvisibility=hidden", "-DRNNKERNELS_CUDA_EMULATION", "-include", str(HERE / "emulation.h"),
+                      *sanitizer],
+        extra_ldflags=sanitizer,
+        extra_include_paths=[str(HERE / "include")],
+        build_directory=str(build),
+        verbose=os.environ.get("RNNKERNELS_EMULATION_VERBOSE") == "1",
+    )
 
 
 def sanitizer_environment() -> dict:
