@@ -48,6 +48,7 @@ def test_a_missing_barrier_shows_in_the_results(emulated):
     ("shuffle_after_return", "shuffles with a full mask but its warp has 31 live lanes"),
     ("misaligned_load", "not 16-byte aligned"),
     ("past_shared", "wrote past the 256 bytes of its dynamic shared memory"),
+    ("stale_read_only", "wrote memory it also read through the read-only path"),
 ])
 def test_rule_breaking_kernels_raise(emulated, name, message):
     with pytest.raises(RuntimeError, match=message):

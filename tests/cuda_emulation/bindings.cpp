@@ -40,6 +40,14 @@ __global__ void past_shared(float* out) {
   out[threadIdx.x] = 0.f;
 }
 
+__global__ void stale_read_only(float* data) {  // reads through __ldg what another block writes
+  if (blockIdx.x == 0) {
+    data[threadIdx.x * 4] = rnnkernels::cuda::load_readonly(data + 4 * (blockDim.x + threadIdx.x)).v[0];
+  } else {
+    data[4 * (blockDim.x + threadIdx.x)] = 1.f;
+  }
+}
+
 __global__ void past_global(float* out) { out[threadIdx.x + 1] = 1.f; }  // out holds blockDim.x floats
 
 at::Tensor probe(const std::string& name) {
@@ -54,6 +62,7 @@ at::Tensor probe(const std::string& name) {
   if (name == "split_barrier") launch_cooperative(split_barrier, 1, 64, 0);
   if (name == "shuffle_after_return") launch_kernel(shuffle_after_return, 1, 64, 0, out.data_ptr<float>());
   if (name == "misaligned_load") launch_kernel(misaligned_load, 1, 32, 0, out.data_ptr<float>(), out.data_ptr<float>());
+  if (name == "stale_read_only") launch_kernel(stale_read_only, 2, 8, 0, out.data_ptr<float>());
   if (name == "past_global") launch_kernel(past_global, 1, 64, 0, out.data_ptr<float>());
   if (name == "past_shared") launch_kernel(past_shared, 1, 64, 64 * sizeof(float), out.data_ptr<float>());
   return out;

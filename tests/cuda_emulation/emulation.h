@@ -13,8 +13,10 @@
 // launch; a cooperative grid larger than the device holds at once; more dynamic shared memory than the
 // kernel's limit; a misaligned 16-byte load; writes past the end of the dynamic shared memory, which
 // starts filled with NaN bytes so that reading what no thread wrote shows in the results.
-// Not emulated: the device's own arithmetic (its exp/tanh), L1 caching of data other blocks write (__ldg
-// against __ldcg), memory ordering without barriers, registers as an occupancy limit, and time.
+// Also checked: memory read through the read-only path (__ldg) must not change while the kernel runs (the
+// path may serve stale values from L1); data other blocks write goes through __ldcg.
+// Not emulated: the device's own arithmetic (its exp/tanh), memory ordering without barriers, registers as
+// an occupancy limit, and time.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -121,6 +123,9 @@ struct Launch {
   Fiber* current = nullptr;
   std::mt19937_64 order;
   std::exception_ptr error;  // raised by device code; rethrown by the scheduler
+  // What each read-only load (__ldg) read: the read-only path may serve stale data from L1, so memory read
+  // through it must not change while the kernel runs; checked when the launch ends.
+  std::map<const uint4*, uint4> read_only;
 };
 
 inline Launch*& active() {
@@ -324,6 +329,10 @@ inline void run(const void* kernel, dim3 grid, dim3 block, size_t smem, bool coo
     throw;
   }
   active() = nullptr;
+  for (const auto& [address, value] : launch.read_only) {
+    TORCH_CHECK(std::memcmp(address, &value, sizeof(uint4)) == 0, "emulation: the kernel wrote memory it also ",
+                "read through the read-only path (__ldg), which may serve it stale values");
+  }
 }
 
 template <typename T>
@@ -361,7 +370,11 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
   return rnnkernels::emulation::shuffle_xor(mask, value, lane_mask);
 }
 
-inline uint4 __ldg(const uint4* p) { return *rnnkernels::emulation::aligned16(p); }
+inline uint4 __ldg(const uint4* p) {
+  const uint4 value = *rnnkernels::emulation::aligned16(p);
+  rnnkernels::emulation::active()->read_only.emplace(p, value);
+  return value;
+}
 inline uint4 __ldcg(const uint4* p) { return *rnnkernels::emulation::aligned16(p); }
 
 namespace cooperative_groups {
