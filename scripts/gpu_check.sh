@@ -3,7 +3,8 @@
 #   1. build the extension for sm_90 in place;
 #   2. the GPU tests (pytest -m cuda: CUDA, and Triton where present), then the rest of tests/test_triton.py;
 #   3. compute-sanitizer memcheck and racecheck over scripts/sanitize_case.py (any error fails);
-#   4. the full benchmark on the GPU, float32 and bfloat16, saved as $OUT/gpu.json (plot it where matplotlib is: --report --plot).
+#   4. the full benchmark on the GPU, float32 and bfloat16, saved as $OUT/gpu.json (plot it where matplotlib is: --report --plot);
+#   5. the persistent kernels' time per step over units per block (scripts/gpu_sweep.py), saved as $OUT/sweep.json.
 # Logs go to $OUT (default ./gpu-out). Every phase runs even if an earlier one failed, each capped at its
 # own limit and at what is left of the budget; the exit status says whether all passed.
 # Usage: bash scripts/gpu_check.sh
@@ -58,5 +59,6 @@ done
 # benchmarks/results/ and make the README's GPU table from it (python -m rnnkernels.bench --report).
 phase bench 400 "$PYTHON" -m rnnkernels.bench --device cuda --dtypes float32,bfloat16 --word-lm \
   --repeats 10 --min-sample-ms 10 --json "$OUT/gpu.json"
+phase sweep 90 "$PYTHON" scripts/gpu_sweep.py --json "$OUT/sweep.json"
 echo "gpu_check: $([ "$status" -eq 0 ] && echo PASSED || echo FAILED); logs in $OUT"
 exit "$status"

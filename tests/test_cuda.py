@@ -201,6 +201,21 @@ def test_sizes_beyond_shared_memory_run_stepwise(monkeypatch, target):
         t(x, hx)
 
 
+@pytest.mark.parametrize("units", [3, 16])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_units_per_block_setting(kind, units, monkeypatch, target):
+    """RNNKERNELS_CUDA_UNITS (for tuning) sets the persistent kernels' units per block: blocks of 3 with a
+    last block of 1 (16 = 5 * 3 + 1), or the whole layer in one block."""
+    use_path(monkeypatch, "persistent")
+    monkeypatch.setenv("RNNKERNELS_CUDA_UNITS", str(units))
+    m, t, x, hx = build_case(kind, "packed_unsorted_hx_bidir_two_layers", torch.float32, target.backend,
+                             device=target.device, hidden_size=16)
+    check_module(m, t, x, hx)
+    monkeypatch.setenv("RNNKERNELS_CUDA_UNITS", "0")
+    with pytest.raises(RuntimeError, match="RNNKERNELS_CUDA_UNITS must be a positive integer, got '0'"):
+        t(x, hx)
+
+
 def test_forced_path_errors(monkeypatch, target):
     t = twin(torch_module("GRU", device=target.device, input_size=5, hidden_size=6), target.backend)
     x = torch.randn(4, 2, 5, device=target.device)

@@ -6,6 +6,7 @@ clean under it, and it does catch a kernel writing past its buffer."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import torch
 import cuda_emulation
 from helpers import rnn_inputs, torch_module, twin
 from rnnkernels import ops
+from rnnkernels.workloads import Workload
 
 pytestmark = pytest.mark.skipif(ops.LOAD_ERROR is not None or cuda_emulation.UNSUPPORTED is not None,
                                 reason=cuda_emulation.UNSUPPORTED or "compiled extension not loaded")
@@ -97,3 +99,18 @@ def test_cuda_backend_is_clean_under_address_sanitizer(tmp_path):
                            "-k", SANITIZED_TESTS)
     assert result.returncode == 0, result.stdout[-3000:] + reports(tmp_path / "asan")[-6000:]
     assert int(re.search(r"(\d+) passed", result.stdout).group(1)) >= 60, result.stdout[-3000:]
+
+
+def test_gpu_sweep_script_runs_on_the_emulation():
+    """scripts/gpu_sweep.py, which gpu_check.sh runs on a GPU, over a tiny layer here: a row per units
+    setting with both operators timed (64 units: more than the layer has, so one block)."""
+    spec = importlib.util.spec_from_file_location("gpu_sweep", TESTS.parent / "scripts" / "gpu_sweep.py")
+    gpu_sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_sweep)
+    tiny = Workload("tiny", ("lstm", "gru"), 1, 8, 16, 3, 2, "")
+    with cuda_emulation.Installation():
+        rows = gpu_sweep.sweep([tiny], ["lstm", "gru"], [torch.float32], ("default", 3, 64), torch.device("cpu"),
+                               repeats=1, report=lambda row: None)
+    assert [(row["cell"], row["units"]) for row in rows] == [
+        (cell, units) for cell in ("lstm", "gru") for units in ("default", 3, 64)]
+    assert all(row["forward_us_per_step"] > 0 and row["backward_us_per_step"] > 0 for row in rows), rows

@@ -14,6 +14,8 @@
 // co-resident (the occupancy API sizes it, the cooperative launch verifies it).
 #include <cooperative_groups.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -276,6 +278,19 @@ int resident_blocks(const void* kernel, int device, int64_t smem, size_t smem_li
   return per_sm;
 }
 
+// Hidden units per block: by default as many blocks as multiprocessors, each with an even share of the
+// units (the fewest per block). RNNKERNELS_CUDA_UNITS sets it instead, to measure the trade between more
+// blocks (less work each) and fewer (cheaper grid barriers, less of h read from L2 per step).
+int64_t units_per_block(int64_t H, int multiprocessors) {
+  const char* env = std::getenv("RNNKERNELS_CUDA_UNITS");
+  if (env == nullptr || *env == '\0') return (H + multiprocessors - 1) / multiprocessors;
+  char* end = nullptr;
+  const long long units = std::strtoll(env, &end, 10);
+  TORCH_CHECK(*end == '\0' && units > 0, "rnnkernels: RNNKERNELS_CUDA_UNITS must be a positive integer, got '",
+              env, "'");
+  return std::min<int64_t>(units, H);
+}
+
 template <Cell cell, typename scalar_t>
 PersistentPlan plan_for(bool backward, const RecurrenceDims& d, const at::Device& device) {
   PersistentPlan plan;
@@ -288,8 +303,7 @@ PersistentPlan plan_for(bool backward, const RecurrenceDims& d, const at::Device
     plan.why_not = "hidden_size must be a multiple of " + std::to_string(kVec<scalar_t>) + " for this dtype";
     return plan;
   }
-  // As many blocks as multiprocessors, each with an even share of the units: the fewest units per block.
-  const int64_t units = (d.H + prop->multiProcessorCount - 1) / prop->multiProcessorCount;
+  const int64_t units = units_per_block(d.H, prop->multiProcessorCount);
   const int64_t rows_per_unit = backward ? 1 : d.G, K = backward ? d.G * d.H : d.H;
   const int64_t smem = units * rows_per_unit * (K * int64_t{sizeof(scalar_t)} + d.B * int64_t{sizeof(float)});
   if (d.B * units > int64_t{kItems} * kThreads) {
