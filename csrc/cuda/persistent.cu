@@ -39,7 +39,8 @@ constexpr int kRowsPerItem = sizeof(scalar_t) == 2 ? 16 : 8;
 // memory that other blocks write during the kernel (read through L2); mat is in shared memory. K is a
 // multiple of kVec. One warp per item (b, s): lanes split k in 16-byte vectors, up to kChunksInFlight
 // loads of vec[b] issued at once (L2 latency is the cost here), and the warp reduces the rows s, s + S,
-// s + 2S, ... together, so each item reads vec[b] once. S grows until every warp has work.
+// s + 2S, ... together, so each item reads vec[b] once, and sums them over its lanes in one pass
+// (warp_sum_each). S grows until every warp has work.
 template <typename scalar_t>
 __device__ void block_matvec(const scalar_t* vec, const scalar_t* mat, int B, int R, int K, float* out) {
   constexpr int V = kVec<scalar_t>, rows = kRowsPerItem<scalar_t>;
@@ -67,14 +68,9 @@ __device__ void block_matvec(const scalar_t* vec, const scalar_t* mat, int B, in
         }
       }
     }
-#pragma unroll
-    for (int i = 0; i < rows; ++i) {
-      const int r = s + i * S;
-      if (r < R) {  // the same for the whole warp
-        const float total = warp_sum(acc[i]);
-        if (lane == 0) out[b * R + r] = total;
-      }
-    }
+    const float total = warp_sum_each(acc);  // of row s + i S, i = lane / (32 / rows)
+    const int r = s + lane / (32 / rows) * S;
+    if (lane % (32 / rows) == 0 && r < R) out[b * R + r] = total;
   }
 }
 
