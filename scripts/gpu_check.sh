@@ -7,7 +7,11 @@
 #   5. the persistent kernels' time per step over units per block (scripts/gpu_sweep.py), saved as $OUT/sweep.json.
 # Logs go to $OUT (default ./gpu-out). Every phase runs even if an earlier one failed, each capped at its
 # own limit and at what is left of the budget; the exit status says whether all passed.
-# Usage: bash scripts/gpu_check.sh
+# Usage: bash scripts/gpu_check.sh [PHASE...], PHASE among build registered tests_cuda tests_triton
+# sanitize_memcheck sanitize_racecheck bench sweep; all by default. Where one command may run 10 minutes
+# at most, run the checks and the measurements as two commands on the same machine:
+#   bash scripts/gpu_check.sh build registered tests_cuda tests_triton sanitize_memcheck sanitize_racecheck
+#   bash scripts/gpu_check.sh build bench sweep      (the second build finds nothing left to compile)
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-out}"
@@ -16,10 +20,14 @@ PYTHON="${PYTHON:-python}"
 SANITIZER="${SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}"
 status=0
 deadline=$((SECONDS + ${GPU_CHECK_BUDGET_S:-570}))
+selected=" ${*:-all} "
 
 phase() {  # phase NAME SECONDS COMMAND...: runs COMMAND with a time limit, logging to $OUT/NAME.log
   local name=$1 limit=$2
   shift 2
+  if [ "$selected" != " all " ] && [[ "$selected" != *" $name "* ]]; then
+    return 0
+  fi
   local left=$((deadline - SECONDS))
   [ "$limit" -le "$left" ] || limit=$left
   if [ "$limit" -le 0 ]; then
