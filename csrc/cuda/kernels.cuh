@@ -154,20 +154,24 @@ __device__ __forceinline__ float warp_sum(float x) {
 // Sums each of the N values of acc over the warp's lanes with N - 1 + log2(32 / N) shuffles, where N
 // separate warp_sums take 5 N: at each halving, a lane keeps one half of its values and adds its partner's
 // copy of that half. Returns the total of value lane / (32 / N) (the 32 / N lanes of a group hold the same).
+// One template level per halving: constant indices, so acc stays in registers.
+template <int Half, int N>
+__device__ __forceinline__ void fold_halves(float (&acc)[N], int lane) {
+  constexpr int offset = 32 * Half / N;
+  const bool upper = lane & offset;
+#pragma unroll
+  for (int i = 0; i < Half; ++i) {
+    const float send = upper ? acc[i] : acc[i + Half];
+    const float keep = upper ? acc[i + Half] : acc[i];
+    acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, offset);
+  }
+  if constexpr (Half > 1) fold_halves<Half / 2>(acc, lane);
+}
+
 template <int N>
 __device__ __forceinline__ float warp_sum_each(float (&acc)[N]) {
   static_assert(N >= 1 && N <= 32 && (N & (N - 1)) == 0, "N: a power of two up to 32");
-  const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int half = N / 2, offset = 16; half >= 1; half /= 2, offset /= 2) {
-    const bool upper = lane & offset;
-#pragma unroll
-    for (int i = 0; i < half; ++i) {
-      const float send = upper ? acc[i] : acc[i + half];
-      const float keep = upper ? acc[i + half] : acc[i];
-      acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, offset);
-    }
-  }
+  if constexpr (N > 1) fold_halves<N / 2>(acc, threadIdx.x % 32);
   float total = acc[0];
 #pragma unroll
   for (int offset = 16 / N; offset > 0; offset /= 2) total += __shfl_xor_sync(0xffffffffu, total, offset);

@@ -30,8 +30,10 @@ namespace cg = cooperative_groups;
 constexpr int kThreads = 512;
 constexpr int kItems = 2;           // (b, unit) pairs per thread in the pointwise phases
 constexpr int kChunksInFlight = 4;  // 16-byte loads of the vector a lane issues before using them
-// Matrix rows one warp reduces per pass over a vector: as many as the registers hold without spilling
-// (a float vector takes twice the registers of a 16-bit one).
+// Matrix rows one warp reduces per pass over a vector: as many as the registers hold (a float vector takes
+// twice the registers of a 16-bit one). At 8 float rows the LSTM and GRU forward kernels spill 20-24 bytes
+// under the 128-register cap (ptxas -v, sm_90): a few local stores and loads per step against the 31
+// shuffles warp_sum_each saves; to be weighed on a GPU.
 template <typename scalar_t>
 constexpr int kRowsPerItem = sizeof(scalar_t) == 2 ? 16 : 8;
 
