@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 import threading
 from typing import Callable
@@ -155,10 +154,17 @@ def select(requested: str, device: torch.device, dtype: torch.dtype) -> Backend:
     return _BY_NAME[choice]
 
 
-@functools.lru_cache(maxsize=None)
+_FIRST_SUPPORTED: dict = {}
+
+
 def _first_supported(device_type: str, dtype: torch.dtype, load_error: str | None) -> str:
     """The first backend of the device type's auto order that supports dtype. What backends support is
     fixed once the extension is loaded, so the answer is cached (load_error is part of the key so that a
-    changed state of the extension is seen): a cell module asks once per generated token."""
-    order = AUTO_ORDER.get(device_type, FALLBACK_ORDER)
-    return next(name for name in order if unsupported(name, torch.device(device_type), dtype) is None)
+    changed state of the extension is seen): a cell module asks once per generated token. A plain dict,
+    which torch.compile traces without the warning an lru_cache draws."""
+    key = (device_type, dtype, load_error)
+    if key not in _FIRST_SUPPORTED:
+        order = AUTO_ORDER.get(device_type, FALLBACK_ORDER)
+        device = torch.device(device_type)
+        _FIRST_SUPPORTED[key] = next(name for name in order if unsupported(name, device, dtype) is None)
+    return _FIRST_SUPPORTED[key]

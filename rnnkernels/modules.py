@@ -159,8 +159,8 @@ class _CellBase(_Twin):
         return f"rnn_{self.nonlinearity}"
 
     def forward(self, input: Tensor, hx=None):
-        # Generation calls this once per token: parameters come from _parameters (nn.Module.__getattr__
-        # costs a few hundred nanoseconds a lookup), and the checks touch each tensor once.
+        # Generation calls this once per token: parameters come from _parameters where they are (nn.Module's
+        # __getattr__ costs a few hundred nanoseconds a lookup), and the checks touch each tensor once.
         is_lstm = self._cell == "lstm"
         states = list(hx) if is_lstm and hx is not None else ([] if hx is None else [hx])
         is_batched = self._check_dims(input, states)
@@ -170,18 +170,23 @@ class _CellBase(_Twin):
         if not states:
             zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
             states = [zeros, zeros] if is_lstm else [zeros]
-        params = self._parameters
-        w_ih = params["weight_ih"]
+        w_ih = self._parameter("weight_ih")
         self._check(input, states, w_ih.dtype)
         backend = backends.select(self.backend, input.device, input.dtype)
         h, c = backend.step(
-            self._cell_name(), input, states[0], states[1] if is_lstm else None, w_ih, params["weight_hh"],
-            params["bias_ih"], params["bias_hh"], None,
+            self._cell_name(), input, states[0], states[1] if is_lstm else None, w_ih, self._parameter("weight_hh"),
+            self._parameter("bias_ih"), self._parameter("bias_hh"), None,
         )
         if not is_batched:
             h = h.squeeze(0)
             c = c.squeeze(0) if is_lstm else None
         return (h, c) if is_lstm else h
+
+    def _parameter(self, name: str):
+        try:
+            return self._parameters[name]
+        except KeyError:  # moved out by torch.nn.utils.parametrize, prune or weight_norm: computed on access
+            return getattr(self, name)
 
     def _check_dims(self, input: Tensor, states: list[Tensor]) -> bool:
         """torch.nn's checks of the input's and states' dimensions; True for batched input."""

@@ -21,6 +21,10 @@ SANITIZER="${SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/b
 status=0
 deadline=$((SECONDS + ${GPU_CHECK_BUDGET_S:-570}))
 selected=" ${*:-all} "
+known=" all build registered tests_cuda tests_triton sanitize_memcheck sanitize_racecheck bench sweep "
+for name in $selected; do
+  [[ "$known" == *" $name "* ]] || { echo "gpu_check: unknown phase '$name'; phases:$known"; exit 2; }
+done
 
 phase() {  # phase NAME SECONDS COMMAND...: runs COMMAND with a time limit, logging to $OUT/NAME.log
   local name=$1 limit=$2

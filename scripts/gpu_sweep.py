@@ -22,7 +22,8 @@ from rnnkernels.bench import seconds_per_call
 from rnnkernels.reference import GATES
 from rnnkernels.workloads import Workload, lookup
 
-WORKLOADS = "timemachine-char,ptb-medium,deepbench-1024,long-seq"
+# The persistent path's shapes among the benchmark's (ptb's hidden 650 and 1500 are not multiples of 4 or 8).
+WORKLOADS = "timemachine-char,fastrnns,deepbench-1024,long-seq"
 UNITS = ("default", 1, 2, 4, 8, 16, 32)
 
 
@@ -111,13 +112,18 @@ def main() -> None:
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     device = torch.device("cuda")
-    rows = sweep(lookup(args.workloads), args.cells.split(","), [getattr(torch, d) for d in args.dtypes.split(",")],
-                 UNITS, device, args.repeats,
-                 report=lambda row: print(json.dumps(row), flush=True))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "rows": rows}, f,
-                      indent=1)
+    rows = []
+
+    def report(row: dict) -> None:  # the file rewritten after every row: a run cut short keeps what it measured
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "rows": rows},
+                          f, indent=1)
+
+    sweep(lookup(args.workloads), args.cells.split(","), [getattr(torch, d) for d in args.dtypes.split(",")], UNITS,
+          device, args.repeats, report)
 
 
 if __name__ == "__main__":

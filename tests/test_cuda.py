@@ -201,11 +201,11 @@ def test_sizes_beyond_shared_memory_run_stepwise(monkeypatch, target):
         t(x, hx)
 
 
-@pytest.mark.parametrize("units", [3, 16])
+@pytest.mark.parametrize("units", [5, 16])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_units_per_block_setting(kind, units, monkeypatch, target):
-    """RNNKERNELS_CUDA_UNITS (for tuning) sets the persistent kernels' units per block: blocks of 3 with a
-    last block of 1 (16 = 5 * 3 + 1), or the whole layer in one block."""
+    """RNNKERNELS_CUDA_UNITS (for tuning) sets the persistent kernels' units per block: blocks of 5 with a
+    last block of 1 (16 = 3 * 5 + 1), or the whole layer in one block."""
     use_path(monkeypatch, "persistent")
     monkeypatch.setenv("RNNKERNELS_CUDA_UNITS", str(units))
     m, t, x, hx = build_case(kind, "packed_unsorted_hx_bidir_two_layers", torch.float32, target.backend,

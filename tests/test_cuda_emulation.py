@@ -47,14 +47,23 @@ def test_a_missing_barrier_shows_in_the_results(emulated):
 @pytest.mark.parametrize("name,message", [
     ("split_barrier", "deadlocks; threads wait at different barriers: block 0: 32 at __syncthreads; "
                       "block 0: 32 at grid.sync"),
+    ("divergent_syncthreads", "meet at __syncthreads from different places"),
     ("shuffle_after_return", "shuffles with a full mask but its warp has 31 live lanes"),
     ("misaligned_load", "not 16-byte aligned"),
     ("past_shared", "wrote past the 256 bytes of its dynamic shared memory"),
     ("stale_read_only", "wrote memory it also read through the read-only path"),
 ])
 def test_rule_breaking_kernels_raise(emulated, name, message):
-    with pytest.raises(RuntimeError, match=message):
-        emulated.probe(name)
+    # Block order decides whether the stale read-only read is seen (a write before the first read is not):
+    # some seed among a few runs the reading block first.
+    for seed in range(4):
+        emulated.configure(4, seed)
+        try:
+            emulated.probe(name)
+        except RuntimeError as error:
+            assert re.search(message, str(error)), str(error)
+            return
+    pytest.fail(f"{name}: no error in 4 seeds")
 
 
 @pytest.mark.parametrize("path", ["persistent", "stepwise"])
@@ -109,8 +118,8 @@ def test_gpu_sweep_script_runs_on_the_emulation():
     spec.loader.exec_module(gpu_sweep)
     tiny = Workload("tiny", ("lstm", "gru"), 1, 8, 16, 3, 2, "")
     with cuda_emulation.Installation():
-        rows = gpu_sweep.sweep([tiny], ["lstm", "gru"], [torch.float32], ("default", 3, 64), torch.device("cpu"),
+        rows = gpu_sweep.sweep([tiny], ["lstm", "gru"], [torch.float32], ("default", 5, 64), torch.device("cpu"),
                                repeats=1, report=lambda row: None)
     assert [(row["cell"], row["units"]) for row in rows] == [
-        (cell, units) for cell in ("lstm", "gru") for units in ("default", 3, 64)]
+        (cell, units) for cell in ("lstm", "gru") for units in ("default", 5, 64)]
     assert all(row["forward_us_per_step"] > 0 and row["backward_us_per_step"] > 0 for row in rows), rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn.utils import parametrizations, prune
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnkernels
@@ -243,6 +244,24 @@ def test_cell_no_bias(kind, backend, dtype):
     t = twin(m, backend)
     x, h = cell_inputs(m, B=7, hx=True)
     check_twin(m, t, x, h)
+
+
+@pytest.mark.parametrize("kind", list(CELL_KINDS))
+def test_cell_with_parametrized_and_pruned_weights(kind):
+    """Weights that torch.nn.utils.parametrize and prune move out of _parameters are read as torch.nn reads
+    them (computed on access), gradients reaching the underlying parameters."""
+    m = torch_module(kind, input_size=I, hidden_size=H)
+    t = twin(m, "cpu")
+    for module in (m, t):
+        parametrizations.weight_norm(module, "weight_hh")
+        prune.l1_unstructured(module, "weight_ih", amount=0.3)
+    x, hx = cell_inputs(m, B=3, hx=True)
+    # check_twin's float64 copy cannot be made: a pruned module's weight is not a leaf, and deepcopy refuses.
+    ours, _ = run(t, x, hx)
+    theirs, _ = run(m, x, hx)
+    assert set(ours) == set(theirs) and "grad_parametrizations.weight_hh.original0" in ours
+    for name, value in theirs.items():
+        torch.testing.assert_close(ours[name], value, atol=1e-5, rtol=1e-5, msg=name)
 
 
 # -------------------------------------------------------------------------------------------- devices

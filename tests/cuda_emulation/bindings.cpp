@@ -1,5 +1,5 @@
 // The CUDA backend's operator implementations (csrc/cuda/recurrence_cuda.h), built for the host emulation,
-// as Python functions named like the operators; tests/test_cuda_emulated.py installs them as the CPU
+// as Python functions named like the operators; tests/cuda_emulation/__init__.py installs them as the CPU
 // kernels of the rnnkernels operators while a test runs.
 #include <torch/extension.h>
 
@@ -22,6 +22,14 @@ __global__ void split_barrier() {  // the first warp waits at __syncthreads, the
     __syncthreads();
   } else {
     cooperative_groups::this_grid().sync();
+  }
+}
+
+__global__ void divergent_syncthreads() {  // each half of the block at its own __syncthreads
+  if (threadIdx.x < 32) {
+    __syncthreads();
+  } else {
+    __syncthreads();
   }
 }
 
@@ -60,6 +68,7 @@ at::Tensor probe(const std::string& name) {
     return ints;
   }
   if (name == "split_barrier") launch_cooperative(split_barrier, 1, 64, 0);
+  if (name == "divergent_syncthreads") launch_kernel(divergent_syncthreads, 1, 64, 0);
   if (name == "shuffle_after_return") launch_kernel(shuffle_after_return, 1, 64, 0, out.data_ptr<float>());
   if (name == "misaligned_load") launch_kernel(misaligned_load, 1, 32, 0, out.data_ptr<float>(), out.data_ptr<float>());
   if (name == "stale_read_only") launch_kernel(stale_read_only, 2, 8, 0, out.data_ptr<float>());

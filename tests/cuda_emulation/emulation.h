@@ -1,5 +1,5 @@
 // Host emulation of the CUDA backend (csrc/cuda), so that machines without a GPU run its kernels and its
-// host code: tests/test_cuda_emulated.py builds csrc/cuda/*.cu as C++ with this header force-included
+// host code: tests/cuda_emulation/__init__.py builds csrc/cuda/*.cu as C++ with this header force-included
 // (-include) and RNNKERNELS_CUDA_EMULATION defined; the headers under include/ stand in for torch's and
 // CUDA's CUDA headers, so no CUDA toolkit is needed. Tensors are CPU tensors; cuBLAS calls (at::mm) run
 // on the CPU.
@@ -8,15 +8,18 @@
 // barrier (__syncthreads, a warp shuffle, grid.sync) or returns; when no fiber can run, the barriers whose
 // participants have all arrived are released. The order fibers run in is shuffled at every round (seeded),
 // so that a missing barrier shows as results that change with the seed rather than hiding behind one
-// fixed order. Reported as errors: a deadlock, or barriers split between a block's threads (naming where
-// each waits); a full-mask shuffle after lanes of the warp returned; grid.sync outside a cooperative
-// launch; a cooperative grid larger than the device holds at once; more dynamic shared memory than the
-// kernel's limit; a misaligned 16-byte load; writes past the end of the dynamic shared memory, which
-// starts filled with NaN bytes so that reading what no thread wrote shows in the results.
-// Also checked: memory read through the read-only path (__ldg) must not change while the kernel runs (the
-// path may serve stale values from L1); data other blocks write goes through __ldcg.
-// Not emulated: the device's own arithmetic (its exp/tanh), memory ordering without barriers, registers as
-// an occupancy limit, and time.
+// fixed order; the blocks of a plain launch run one after another, in a shuffled order.
+// Reported as errors: a deadlock, or barriers split between a block's threads (naming where each waits);
+// threads meeting at a barrier or a shuffle reached from different places in the code; a full-mask
+// shuffle after lanes of the warp returned; grid.sync outside a cooperative launch; a cooperative grid
+// larger than the device holds at once (threads, registers at the most a 512-thread block may use, shared
+// memory); more dynamic shared memory than the kernel's limit; a misaligned 16-byte load; writes past the
+// end of the dynamic shared memory, which starts filled with NaN bytes so that reading what no thread
+// wrote shows in the results; memory read through the read-only path (__ldg), which may serve stale values
+// from L1, changing between the first such read and the end of the launch (a write before the first read
+// escapes, unless another seed reverses the order; data other blocks write goes through __ldcg).
+// Not emulated: the device's own arithmetic (its exp/tanh), memory ordering without barriers, a kernel's
+// own register count, and time.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -30,6 +33,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <numeric>
 #include <random>
 #include <sstream>
 #include <string>
@@ -67,6 +71,10 @@ struct Device {
   size_t shared_per_block_optin = 232448;
   size_t shared_per_multiprocessor = 233472;
   int threads_per_multiprocessor = 2048;
+  int registers_per_multiprocessor = 65536;
+  // Registers a thread is taken to use: the most that __launch_bounds__(512, 1) allows, which the
+  // persistent kernels come close to (ptxas: 102-128); the emulation cannot know a kernel's own count.
+  int registers_per_thread = 128;
   uint64_t seed = 0;
   int64_t launches = 0, cooperative_launches = 0;  // made so far: tests check which path ran
 };
@@ -93,6 +101,8 @@ struct Fiber {
   dim3 thread, block;
   int block_slot = 0, warp = 0, lane = 0;  // block_slot: the block's index among those running at once
   Wait wait = Wait::none;
+  const char* file = nullptr;  // where the fiber waits: the threads meeting at a barrier must wait at the same one
+  int line = 0;
   bool done = false;
 };
 
@@ -119,7 +129,7 @@ struct Launch {
   std::function<void()> body;
   std::vector<std::unique_ptr<Fiber>> fibers;
   std::vector<Block> blocks;
-  ucontext_t scheduler;
+  ucontext_t scheduler{};
   Fiber* current = nullptr;
   std::mt19937_64 order;
   std::exception_ptr error;  // raised by device code; rethrown by the scheduler
@@ -149,11 +159,13 @@ inline void fiber_main() {
   launch.current->done = true;  // returning resumes the scheduler (uc_link)
 }
 
-// Suspends the running fiber at barrier w until the scheduler releases it.
-inline void wait(Wait w) {
+// Suspends the running fiber at barrier w, reached at file:line, until the scheduler releases it.
+inline void wait(Wait w, const char* file, int line) {
   Launch& launch = *active();
   Fiber& fiber = *launch.current;
   fiber.wait = w;
+  fiber.file = file;
+  fiber.line = line;
   swapcontext(&fiber.context, &launch.scheduler);
 }
 
@@ -161,6 +173,18 @@ inline std::string where(const Fiber& f) {
   std::ostringstream s;
   s << "block " << f.block.x << " thread " << f.thread.x;
   return s.str();
+}
+
+// Threads released together must have waited at the same barrier of the code, not at two in divergent branches.
+inline void check_same_place(const std::vector<Fiber*>& fibers) {
+  const Fiber* first = nullptr;
+  for (const Fiber* f : fibers) {
+    if (f->done) continue;
+    if (first == nullptr) first = f;
+    TORCH_CHECK(f->line == first->line && std::strcmp(f->file, first->file) == 0, "emulation: ", where(*first),
+                " and ", where(*f), " meet at ", name(f->wait), " from different places (", first->file, ":",
+                first->line, " and ", f->file, ":", f->line, ")");
+  }
 }
 
 // Releases every barrier whose participants have all arrived; true if any was. Called when no fiber can
@@ -185,6 +209,7 @@ inline bool release(Launch& launch) {
       TORCH_CHECK(returned == 0 && lanes.size() == 32, "emulation: ", where(*lanes[0]), " shuffles with a full mask",
                   " but its warp has ", lanes.size() - returned, " live lanes");
       if (at_shuffle == static_cast<long>(lanes.size())) {
+        check_same_place(lanes);
         for (Fiber* f : lanes) f->wait = Wait::none;
         ++launch.blocks[b].warps[w].generation;
         released = true;
@@ -197,6 +222,7 @@ inline bool release(Launch& launch) {
     const bool all = std::all_of(threads.begin(), threads.end(), [](Fiber* f) { return f->done || f->wait == Wait::block; });
     const bool any = std::any_of(threads.begin(), threads.end(), [](Fiber* f) { return f->wait == Wait::block; });
     if (all && any) {
+      check_same_place(threads);
       for (Fiber* f : threads) f->wait = Wait::none;
       released = true;
     }
@@ -245,7 +271,7 @@ inline void run_blocks(Launch& launch, unsigned first, unsigned count) {
       f->block_slot = static_cast<int>(b);
       f->warp = static_cast<int>(i / 32);
       f->lane = static_cast<int>(i % 32);
-      f->stack = std::make_unique<char[]>(kStackBytes);
+      f->stack.reset(new char[kStackBytes]);  // not zero-filled: thousands of fibers per launch
       getcontext(&f->context);
       f->context.uc_stack.ss_sp = f->stack.get();
       f->context.uc_stack.ss_size = kStackBytes;
@@ -293,7 +319,8 @@ inline size_t shared_limit(const void* kernel) {
 
 inline int resident_per_multiprocessor(int threads, size_t smem) {
   const Device& d = device();
-  int blocks = std::min(d.threads_per_multiprocessor / threads, 32);
+  int blocks = std::min({d.threads_per_multiprocessor / threads, 32,
+                         d.registers_per_multiprocessor / (threads * d.registers_per_thread)});
   if (smem > 0) blocks = std::min<int>(blocks, static_cast<int>(d.shared_per_multiprocessor / (smem + 1024)));
   return blocks;
 }
@@ -322,7 +349,11 @@ inline void run(const void* kernel, dim3 grid, dim3 block, size_t smem, bool coo
     if (cooperative) {
       run_blocks(launch, 0, blocks);
     } else {
-      for (unsigned b = 0; b < blocks; ++b) run_blocks(launch, b, 1);  // independent blocks, one at a time
+      // Independent blocks, one at a time, in a shuffled order: a kernel may not rely on any.
+      std::vector<unsigned> order(blocks);
+      std::iota(order.begin(), order.end(), 0u);
+      std::shuffle(order.begin(), order.end(), launch.order);
+      for (unsigned b : order) run_blocks(launch, b, 1);
     }
   } catch (...) {
     active() = nullptr;
@@ -336,15 +367,16 @@ inline void run(const void* kernel, dim3 grid, dim3 block, size_t smem, bool coo
 }
 
 template <typename T>
-T shuffle_xor(unsigned mask, T value, int lane_mask) {
+T shuffle_xor(unsigned mask, T value, int lane_mask, const char* file, int line) {
   static_assert(sizeof(T) <= sizeof(uint64_t));
   TORCH_CHECK(mask == 0xffffffffu, "emulation: only full-mask shuffles are emulated");
+  TORCH_CHECK(lane_mask >= 0 && lane_mask < 32, "emulation: shuffle lane mask ", lane_mask, " out of [0, 32)");
   Launch& launch = *active();
   Fiber& f = current();
   Warp& warp = launch.blocks[f.block_slot].warps[f.warp];
   uint64_t* slots = warp.slots[warp.generation & 1];
   std::memcpy(&slots[f.lane], &value, sizeof(T));
-  wait(Wait::warp);
+  wait(Wait::warp, file, line);
   T result;
   std::memcpy(&result, &slots[f.lane ^ lane_mask], sizeof(T));
   return result;
@@ -363,12 +395,10 @@ inline const uint4* aligned16(const uint4* p) {
 #define blockDim (::rnnkernels::emulation::active()->block)
 #define gridDim (::rnnkernels::emulation::active()->grid)
 
-inline void __syncthreads() { rnnkernels::emulation::wait(rnnkernels::emulation::Wait::block); }
-
-template <typename T>
-T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
-  return rnnkernels::emulation::shuffle_xor(mask, value, lane_mask);
-}
+// Macros, so that each barrier knows where in the code it was reached.
+#define __syncthreads() ::rnnkernels::emulation::wait(::rnnkernels::emulation::Wait::block, __FILE__, __LINE__)
+#define __shfl_xor_sync(mask, value, lane_mask) \
+  ::rnnkernels::emulation::shuffle_xor(mask, value, lane_mask, __FILE__, __LINE__)
 
 inline uint4 __ldg(const uint4* p) {
   const uint4 value = *rnnkernels::emulation::aligned16(p);
@@ -381,7 +411,7 @@ namespace cooperative_groups {
 struct grid_group {
   void sync() const {
     TORCH_CHECK(rnnkernels::emulation::active()->cooperative, "emulation: grid.sync in a launch that is not cooperative");
-    rnnkernels::emulation::wait(rnnkernels::emulation::Wait::grid);
+    rnnkernels::emulation::wait(rnnkernels::emulation::Wait::grid, __FILE__, __LINE__);
   }
 };
 inline grid_group this_grid() { return {}; }
