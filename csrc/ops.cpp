@@ -30,7 +30,8 @@ const char* kBackwardArgs =
 const char* kStepArgs =
     "(Tensor x, Tensor h, Tensor? c, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, "
     "bool keep_workspace=True) -> (Tensor h_next, Tensor c_next, Tensor workspace)";
-const char* kCells[] = {"lstm", "gru", "rnn_tanh", "rnn_relu"};
+constexpr rnnkernels::Cell kCells[] = {rnnkernels::Cell::LSTM, rnnkernels::Cell::GRU, rnnkernels::Cell::RNN_TANH,
+                                       rnnkernels::Cell::RNN_RELU};
 
 }  // namespace
 
@@ -38,10 +39,11 @@ TORCH_LIBRARY(rnnkernels, m) {
   // The input projection x w^T + b of all time steps as one GEMM, on the CPU through oneDNN, which is
   // up to twice as fast as the BLAS behind F.linear on some CPUs; elsewhere F.linear runs instead.
   m.def("linear(Tensor x, Tensor w, Tensor? b) -> Tensor");
-  for (const char* cell : kCells) {
-    m.def((std::string(cell) + "_forward" + kForwardArgs).c_str());
-    m.def((std::string(cell) + "_backward" + kBackwardArgs).c_str());
-    m.def((std::string(cell) + "_step" + kStepArgs).c_str());
+  for (const rnnkernels::Cell cell : kCells) {
+    const std::string name = rnnkernels::name_of(cell);
+    m.def((name + "_forward" + kForwardArgs).c_str());
+    m.def((name + "_backward" + kBackwardArgs).c_str());
+    m.def((name + "_step" + kStepArgs).c_str());
   }
 }
 

@@ -20,6 +20,11 @@ namespace rnnkernels {
 
 enum class Cell { LSTM, GRU, RNN_TANH, RNN_RELU };
 
+// The cell's name in its operators: rnnkernels::{name}_forward, _backward and _step.
+constexpr const char* name_of(Cell cell) {
+  return cell == Cell::LSTM ? "lstm" : cell == Cell::GRU ? "gru" : cell == Cell::RNN_TANH ? "rnn_tanh" : "rnn_relu";
+}
+
 constexpr int64_t gates_of(Cell cell) {
   return cell == Cell::LSTM ? 4 : cell == Cell::GRU ? 3 : 1;
 }

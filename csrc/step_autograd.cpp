@@ -12,10 +12,6 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-const char* name_of(Cell cell) {
-  return cell == Cell::LSTM ? "lstm" : cell == Cell::GRU ? "gru" : cell == Cell::RNN_TANH ? "rnn_tanh" : "rnn_relu";
-}
-
 template <Cell cell>
 const auto& step_op() {
   static const auto op = c10::Dispatcher::singleton()

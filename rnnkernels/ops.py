@@ -127,19 +127,15 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.has_bias = b is not None
 
 
-def _projection_grads(grad, x, w, needs_x: bool, needs_w: bool, needs_b: bool):
-    """(grad_x, grad_w, grad_b) of x w^T + b from the gradient of the result; None where not needed."""
-    linear = torch.ops.rnnkernels.linear
-    grad_x = linear(grad, w.t(), None) if needs_x else None
-    grad_w = linear(grad.t(), x.t(), None) if needs_w else None
-    return grad_x, grad_w, (grad.sum(0) if needs_b else None)
-
-
 def _linear_backward(ctx, grad):
+    """(grad_x, grad_w, grad_b) of x w^T + b; None where not needed."""
     x, w = ctx.saved_tensors
     grad = grad.contiguous()  # one copy of a broadcast gradient, not one per slice of the GEMMs
     needs = ctx.needs_input_grad
-    return _projection_grads(grad, x, w, needs[0], needs[1], ctx.has_bias and needs[2])
+    linear = torch.ops.rnnkernels.linear
+    grad_x = linear(grad, w.t(), None) if needs[0] else None
+    grad_w = linear(grad.t(), x.t(), None) if needs[1] else None
+    return grad_x, grad_w, (grad.sum(0) if ctx.has_bias and needs[2] else None)
 
 
 def register_recurrence_ops(prefix: str) -> None:

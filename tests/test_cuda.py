@@ -80,8 +80,10 @@ def target(request):
         return
     if ops.LOAD_ERROR is not None or cuda_emulation.UNSUPPORTED is not None:
         pytest.skip(cuda_emulation.UNSUPPORTED or "compiled extension not loaded")
-    # Each test its own order of threads, the same in every run.
-    with cuda_emulation.Installation(seed=zlib.crc32(request.node.nodeid.encode())) as installation:
+    # Each test its own order of threads, the same in every run; RNNKERNELS_EMULATION_SEED shifts them all,
+    # to search more orders for a race.
+    seed = zlib.crc32(request.node.nodeid.encode()) + int(os.environ.get("RNNKERNELS_EMULATION_SEED", "0"))
+    with cuda_emulation.Installation(seed=seed) as installation:
         yield Target("cpu", "cpu", installation.paused)
 
 
