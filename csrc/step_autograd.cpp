@@ -86,12 +86,9 @@ struct Step : torch::autograd::Function<Step<cell>> {
   }
 };
 
-bool any_requires_grad(std::initializer_list<const Tensor*> tensors) {
-  for (const Tensor* t : tensors) {
-    if (t->defined() && t->requires_grad()) return true;
-  }
-  return false;
-}
+bool requires_grad(const Tensor& t) { return t.requires_grad(); }
+
+bool requires_grad(const std::optional<Tensor>& t) { return t.has_value() && t->requires_grad(); }
 
 }  // namespace
 
@@ -99,10 +96,9 @@ template <Cell cell>
 Tensors3 step_autograd(const Tensor& x, const Tensor& h, const std::optional<Tensor>& c, const Tensor& w_ih,
                        const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
                        const std::optional<Tensor>& w_hr, bool keep_workspace) {
-  const Tensor none;
   const bool recorded = at::GradMode::is_enabled() &&
-                        any_requires_grad({&x, &h, c ? &*c : &none, &w_ih, &w_hh, b_ih ? &*b_ih : &none,
-                                           b_hh ? &*b_hh : &none, w_hr ? &*w_hr : &none});
+                        (requires_grad(x) || requires_grad(h) || requires_grad(c) || requires_grad(w_ih) ||
+                         requires_grad(w_hh) || requires_grad(b_ih) || requires_grad(b_hh) || requires_grad(w_hr));
   if (!recorded) {  // inference: straight to the device's kernel
     at::AutoDispatchBelowADInplaceOrView below;
     return step_op<cell>().call(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, keep_workspace);

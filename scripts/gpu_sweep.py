@@ -4,7 +4,7 @@ default (the fewest units per block, so every multiprocessor gets a block) by me
 block means fewer blocks at each step's grid barrier and less of h read from L2 per step, but more work
 per block. Median over repeats, CUDA events. Run by scripts/gpu_check.sh; alone:
 
-    python scripts/gpu_sweep.py --json sweep.json [--workloads long-seq,ptb-medium] [--dtypes float32]
+    python scripts/gpu_sweep.py --json sweep.json [--workloads long-seq,fastrnns] [--dtypes float32]
 """
 
 from __future__ import annotations

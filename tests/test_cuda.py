@@ -42,7 +42,6 @@ CUDA = pytest.mark.cuda
 # (path, hidden_size): 16 runs on both paths in every dtype (rows of 16-byte vectors); 6 only stepwise.
 PATH_SIZES = [("persistent", 16), ("stepwise", 16), ("stepwise", 6)]
 PATH_IDS = [f"{path}-H{hidden}" for path, hidden in PATH_SIZES]
-OPERATOR_NAMES = [f"{cell}_{op}" for cell in ops.CELLS for op in ("forward", "backward", "step")] + ["linear"]
 
 
 def cuda_build_expected() -> bool:
@@ -60,7 +59,7 @@ def test_cuda_build_carries_cuda_kernels():
     """Runs on the CPU CI: a silently skipped CUDA build fails here."""
     if not cuda_build_expected():
         pytest.skip("torch is not a CUDA build, or nvcc is missing, or RNNKERNELS_CUDA=0")
-    for name in OPERATOR_NAMES:
+    for name in cuda_emulation.OPERATORS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"rnnkernels::{name}", "CUDA"), name
 
 

@@ -17,10 +17,12 @@ from pathlib import Path
 import torch
 from torch.utils import cpp_extension
 
+from rnnkernels import ops
+
 HERE = Path(__file__).resolve().parent
 CUDA_SOURCES = HERE.parent.parent / "csrc" / "cuda"
-OPERATORS = [f"{cell}_{op}" for cell in ("lstm", "gru", "rnn_tanh", "rnn_relu") for op in ("forward", "backward", "step")]
-OPERATORS.append("linear")
+# The operators the CUDA backend implements, each replaced while an Installation is entered.
+OPERATORS = [f"{cell}_{op}" for cell in ops.CELLS for op in ("forward", "backward", "step")] + ["linear"]
 if not sys.platform.startswith("linux"):
     UNSUPPORTED = "the emulation's fibers (ucontext) are built on Linux only"
 elif not cpp_extension.is_ninja_available():
