@@ -2,7 +2,7 @@
 
     python -m rnnkernels.bench [--device cpu|cuda] [--workloads a,b] [--cells lstm,gru,rnn]
         [--dtypes float32,bfloat16] [--backends cpu,reference] [--quick] [--repeats N] [--json PATH]
-        [--word-lm] [--plot PATH] [--report PATH]
+        [--word-lm] [--plot PATH] [--report PATH] [--time-limit SECONDS]
 
 Per case (workload x cell x dtype) it first checks every candidate against a float64 torch.nn
 computation (forward output, final state, gradients of a training step); a wrong result is reported
@@ -15,7 +15,9 @@ generate workloads), median and spread over the repeats, warm-up excluded.
 --word-lm adds an end-to-end case: a training step of a word-level language model (embedding, 2-layer
 LSTM 650, linear decoder, cross-entropy) with torch.nn and with rnnkernels.convert of the same model,
 checked the same way (loss, gradient of the embedding) and reported in tokens per second.
---plot draws the speed-ups over torch.nn as a bar chart (needs matplotlib).
+--plot draws the speed-ups over torch.nn as a bar chart (needs matplotlib). The JSON is rewritten after
+every case, so a run cut short keeps what it measured; --time-limit starts no new case after that many
+seconds (how scripts/gpu_check.sh fits a GPU lease).
 """
 
 from __future__ import annotations
@@ -584,6 +586,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--word-lm", action="store_true", help="add a training step of a whole word-level LM "
                         "(vocab 10000, or 2000 with --quick), in tokens per second")
     parser.add_argument("--plot", type=Path, help="save a PNG bar chart of the speed-ups here (needs matplotlib)")
+    parser.add_argument("--time-limit", type=float, help="start no new case after this many seconds; the table "
+                        "and the JSON hold the cases done and say how many were left out")
     args = parser.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -607,6 +611,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def save(report: dict, path: Path) -> None:
+    """Written after every case, by replacing the file whole: a run cut short keeps every case it finished."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(report, indent=1))
+    partial.replace(path)
+
+
+def completeness_note(metadata: dict, cases_done: int) -> str | None:
+    """A line for the table where a run stopped before its last case (--time-limit, or killed)."""
+    planned = metadata.get("cases_planned")
+    if planned is None or cases_done >= planned:
+        return None
+    return f"partial run: {cases_done} of {planned} cases" + (
+        f" (--time-limit {metadata['time_limit_s']:g} s reached)" if metadata.get("time_limit_reached") else "")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.plot:
@@ -614,6 +634,9 @@ def main(argv=None) -> None:
     if args.report:
         saved = json.loads(args.report.read_text())
         print(table(saved["cases"], torch.device(saved["metadata"]["device"])))
+        note = completeness_note(saved["metadata"], len(saved["cases"]))
+        if note:
+            print(note)
         if args.plot:
             plot(saved["cases"], args.plot, saved["metadata"]["device"])
             print(f"wrote {args.plot}", file=sys.stderr)
@@ -622,22 +645,31 @@ def main(argv=None) -> None:
     cases = [functools.partial(run_case, w, cell, dtype, device, args)
              for w in args.workloads for cell in w.cells if cell in args.cells for dtype in args.dtypes]
     cases += [functools.partial(run_word_lm, device, args)] if args.word_lm else []
-    report = {"metadata": metadata(device), "settings": {
-        "repeats": args.repeats, "warmup": args.warmup, "min_sample_ms": args.min_sample_ms,
-        "backends": args.backends, "word_lm": args.word_lm,
-        "workloads": [dataclasses.asdict(w) for w in args.workloads]}, "cases": []}
+    report = {"metadata": {**metadata(device), "cases_planned": len(cases), "time_limit_s": args.time_limit},
+              "settings": {"repeats": args.repeats, "warmup": args.warmup, "min_sample_ms": args.min_sample_ms,
+                           "backends": args.backends, "word_lm": args.word_lm,
+                           "workloads": [dataclasses.asdict(w) for w in args.workloads]}, "cases": []}
     print(f"rnnkernels.bench on {device} ({report['metadata']['gpu'] or report['metadata']['cpu']}), "
           f"{len(cases)} cases, {args.repeats} repeats", file=sys.stderr)
+    started = time.perf_counter()
     warm_up_process(device, args)
     for index, run in enumerate(cases, 1):
+        if args.time_limit is not None and time.perf_counter() - started > args.time_limit:
+            report["metadata"]["time_limit_reached"] = True
+            break
         start = time.perf_counter()
         case = run()
         report["cases"].append(case)
         print(progress_line(case, index, len(cases), time.perf_counter() - start), file=sys.stderr, flush=True)
+        if args.json:
+            save(report, args.json)
     report["metadata"]["load_average_at_end"] = os.getloadavg()
     print(table(report["cases"], device))
+    note = completeness_note(report["metadata"], len(report["cases"]))
+    if note:
+        print(note)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+        save(report, args.json)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
         plot(report["cases"], args.plot, str(device))

@@ -1,76 +1,135 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one command, inside a time budget (GPU_CHECK_BUDGET_S, default 570 s):
-#   1. build the extension for sm_90 in place;
-#   2. the GPU tests (pytest -m cuda: CUDA, and Triton where present), then the rest of tests/test_triton.py;
-#   3. compute-sanitizer memcheck and racecheck over scripts/sanitize_case.py (any error fails);
-#   4. the full benchmark on the GPU, float32 and bfloat16, saved as $OUT/gpu.json (plot it where matplotlib is: --report --plot);
-#   5. the persistent kernels' time per step over units per block (scripts/gpu_sweep.py), saved as $OUT/sweep.json.
-# Logs go to $OUT (default ./gpu-out). Every phase runs even if an earlier one failed, each capped at its
-# own limit and at what is left of the budget; the exit status says whether all passed.
-# Usage: bash scripts/gpu_check.sh [PHASE...], PHASE among build registered tests_cuda tests_triton
-# sanitize_memcheck sanitize_racecheck bench sweep; all by default. Where one command may run 10 minutes
-# at most, run the checks and the measurements as two commands on the same machine:
-#   bash scripts/gpu_check.sh build registered tests_cuda tests_triton sanitize_memcheck sanitize_racecheck
-#   bash scripts/gpu_check.sh build bench sweep      (the second build finds nothing left to compile)
+# Everything that needs a GPU, sized for a lease of 15 minutes of device time in commands of at most 10
+# minutes: two commands on one machine, the second sent as soon as the first returns (a machine stays warm
+# for about 30 s after a call, and a fresh one costs minutes to start).
+#   bash scripts/gpu_check.sh first    budget 450 s: build for sm_90; the CUDA backend's GPU tests;
+#                                      compute-sanitizer memcheck; the benchmark in bfloat16
+#   bash scripts/gpu_check.sh second   budget 270 s: the Triton backend's GPU tests; the benchmark in
+#                                      float32 with the word LM; the persistent kernels' sweep over units
+#                                      per block (scripts/gpu_sweep.py); compute-sanitizer racecheck
+# With no argument both groups run in one go; or name phases: build registered tests_cuda tests_triton
+# sanitize_memcheck sanitize_racecheck bench_bfloat16 bench_float32 sweep. GPU_CHECK_BUDGET_S replaces the
+# budget (give the second command what the lease has left). Every phase is capped at its own limit and at
+# what is left of the budget, and runs even if an earlier one failed; the benchmark starts no case past its
+# limit and rewrites its JSON after every case, so a phase cut short still returns what it measured.
+# Out ($OUT, default ./gpu-out): gpu_check.log (every phase's output, in order), bench-bfloat16.json,
+# bench-float32.json, sweep.json; few files, since a device call returns at most 8. It ends with the
+# issues' bars against the benchmark's figures (scripts/bars.py). Commit the JSON under benchmarks/results/
+# and make the README's GPU table from it (python -m rnnkernels.bench --report FILE).
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
-PYTHON="${PYTHON:-python}"
+LOG="$OUT/gpu_check.log"
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"  # the GPU machine's torch is its python3
 SANITIZER="${SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}"
-status=0
-deadline=$((SECONDS + ${GPU_CHECK_BUDGET_S:-570}))
-selected=" ${*:-all} "
-known=" all build registered tests_cuda tests_triton sanitize_memcheck sanitize_racecheck bench sweep "
-for name in $selected; do
-  [[ "$known" == *" $name "* ]] || { echo "gpu_check: unknown phase '$name'; phases:$known"; exit 2; }
-done
 
-phase() {  # phase NAME SECONDS COMMAND...: runs COMMAND with a time limit, logging to $OUT/NAME.log
-  local name=$1 limit=$2
-  shift 2
-  if [ "$selected" != " all " ] && [[ "$selected" != *" $name "* ]]; then
-    return 0
-  fi
+FIRST="build registered tests_cuda sanitize_memcheck bench_bfloat16"
+SECOND="build registered tests_triton bench_float32 sweep sanitize_racecheck"
+case "${1:-}" in
+  first) selected=" $FIRST " budget=450 ;;
+  second) selected=" $SECOND " budget=270 ;;
+  "") selected=" $FIRST $SECOND " budget=720 ;;
+  *) selected=" $* " budget=720 ;;
+esac
+known=" $FIRST $SECOND "
+for name in $selected; do
+  [[ "$known" == *" $name "* ]] || { echo "gpu_check: unknown phase '$name'; groups: first second; phases:$known"; exit 2; }
+done
+budget="${GPU_CHECK_BUDGET_S:-$budget}"
+deadline=$((SECONDS + budget))
+status=0
+summary=()
+
+limit_for() {  # limit_for SECONDS: a phase's limit, capped at what is left of the budget
   local left=$((deadline - SECONDS))
-  [ "$limit" -le "$left" ] || limit=$left
+  echo $(($1 < left ? $1 : left))
+}
+
+phase() {  # phase NAME SECONDS COMMAND...: COMMAND under a time limit, its output appended to $LOG
+  local name=$1 limit
+  limit=$(limit_for "$2")
+  shift 2
+  [[ "$selected" == *" $name "* ]] || return 0
   if [ "$limit" -le 0 ]; then
-    echo "== $name: skipped, the time budget is spent"
+    echo "== $name: skipped, the time budget is spent" | tee -a "$LOG"
+    summary+=("$name: skipped (budget spent)")
     status=1
     return 1
   fi
-  echo "== $name (limit ${limit}s): $*"
-  local start=$SECONDS
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  local start=$SECONDS first_line
+  first_line=$(wc -l <"$LOG")
+  timeout "$limit" bash -c '"$@"' "$name" "$@" >>"$LOG" 2>&1  # bash: COMMAND may be a function below
   local rc=$?
-  echo "== $name: exit $rc after $((SECONDS - start))s (log: $OUT/$name.log)"
-  tail -n 15 "$OUT/$name.log"
+  tail -n +"$((first_line + 1))" "$LOG" | tail -n 12
+  echo "== $name: exit $rc after $((SECONDS - start))s" | tee -a "$LOG"
+  summary+=("$name: exit $rc, $((SECONDS - start)) s$([ "$rc" -eq 124 ] && echo ' (time limit)')")
   [ "$rc" -eq 0 ] || status=1
   return "$rc"
 }
 
-nvidia-smi >"$OUT/nvidia-smi.log" 2>&1
-phase build 180 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 "$PYTHON" -m pip install --no-build-isolation --no-deps -e . \
-  || { echo "build failed: nothing else can run"; exit 1; }
-phase registered 30 "$PYTHON" -c "import torch, rnnkernels; \
-assert torch._C._dispatch_has_kernel_for_dispatch_key('rnnkernels::lstm_forward', 'CUDA'), 'no CUDA kernels'; \
-print(rnnkernels.__file__, torch.__version__, torch.cuda.get_device_name())"
-phase tests_cuda 300 "$PYTHON" -m pytest tests -m cuda -q -p no:cacheprovider --maxfail=50 --durations=15
-if [ -f tests/test_triton.py ]; then
-  # its cuda-marked tests ran above; the rest (e.g. interpreter mode) here
-  phase tests_triton 120 bash -c '"$0" -m pytest tests/test_triton.py -m "not cuda" -q -p no:cacheprovider; \
-rc=$?; exit $((rc == 5 ? 0 : rc))' "$PYTHON"  # 5: every test there is cuda-marked
+# The extension is rebuilt only when its sources changed since the last build on this machine (the second
+# command of a lease finds the first one's build; the working tree is copied anew, so mtimes say nothing).
+sources_digest() { cat setup.py $(find csrc -type f | sort) | sha256sum | cut -d' ' -f1; }
+build() {
+  local stamp=build/gpu_check.sources
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$(sources_digest)" ] && "$PYTHON" -c "import rnnkernels._C"; then
+    echo "up to date: $(cat "$stamp")"
+    return 0
+  fi
+  TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 "$PYTHON" -m pip install --no-build-isolation --no-deps -e . || return 1
+  mkdir -p build && sources_digest >"$stamp"
+}
+
+# pytest on the GPU: four workers share it where pytest-xdist is installed (small tests are latency-bound);
+# a hung test (a kernel that never returns) ends its worker after 120 s where pytest-timeout is, not the phase.
+pytest_gpu() {
+  local options=(-q -rfE -p no:cacheprovider --maxfail=50)
+  "$PYTHON" -c "import xdist" 2>/dev/null && options+=(-n 4)
+  "$PYTHON" -c "import pytest_timeout" 2>/dev/null && options+=(--timeout 120 --timeout-method thread)
+  "$PYTHON" -m pytest "${options[@]}" "$@"
+}
+
+bench() {  # bench DTYPE LIMIT [OPTION...]: the benchmark, starting no case within 40 s of the limit
+  local dtype=$1 limit=$2
+  shift 2
+  "$PYTHON" -m rnnkernels.bench --device cuda --dtypes "$dtype" --repeats 5 --warmup 1 --min-sample-ms 5 \
+    --time-limit $((limit > 40 ? limit - 40 : 0)) --json "$OUT/bench-$dtype.json" "$@"
+}
+export -f sources_digest build pytest_gpu bench
+export OUT PYTHON
+
+: >"$LOG"
+nvidia-smi >>"$LOG" 2>&1
+if [[ "$selected" == *" build "* ]]; then
+  phase build 200 build || { printf '%s\n' "${summary[@]}"; echo "build failed: nothing else can run"; exit 1; }
 fi
+phase registered 30 "$PYTHON" -c "import torch, rnnkernels; from importlib.metadata import version; \
+assert torch._C._dispatch_has_kernel_for_dispatch_key('rnnkernels::lstm_forward', 'CUDA'), 'no CUDA kernels'; \
+print(rnnkernels.__file__, 'torch', torch.__version__, 'triton', version('triton'), torch.cuda.get_device_name())"
+# The CUDA backend's GPU tests (and the modules' and the benchmark suite's); Triton's in the second group.
+phase tests_cuda 150 pytest_gpu tests -m cuda --ignore tests/test_triton.py
+phase tests_triton 100 pytest_gpu tests/test_triton.py
 # No caching allocator under the sanitizer: every buffer its own allocation, so out-of-bounds accesses
 # inside torch's memory pool are caught too.
-for tool in memcheck racecheck; do
-  phase "sanitize_$tool" 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" \
-    --error-exitcode 1 --print-limit 20 "$PYTHON" scripts/sanitize_case.py
+sanitize=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --error-exitcode 1 --print-limit 20)
+phase sanitize_memcheck 100 "${sanitize[@]}" --tool memcheck "$PYTHON" scripts/sanitize_case.py
+phase bench_bfloat16 300 bench bfloat16 "$(limit_for 300)"
+phase bench_float32 110 bench float32 "$(limit_for 110)" --word-lm
+phase sweep 50 "$PYTHON" scripts/gpu_sweep.py --json "$OUT/sweep.json"
+phase sanitize_racecheck 100 "${sanitize[@]}" --tool racecheck "$PYTHON" scripts/sanitize_case.py
+
+runs=$(ls "$OUT"/bench-*.json 2>/dev/null)
+for run in $runs; do
+  echo "== benchmark (python -m rnnkernels.bench --report $run)" >>"$LOG"
+  "$PYTHON" -m rnnkernels.bench --report "$run" >>"$LOG" 2>&1
 done
-# Both dtypes of the issues' bars, with samples short enough to fit the budget; commit the JSON under
-# benchmarks/results/ and make the README's GPU table from it (python -m rnnkernels.bench --report).
-phase bench 400 "$PYTHON" -m rnnkernels.bench --device cuda --dtypes float32,bfloat16 --word-lm \
-  --repeats 10 --min-sample-ms 10 --json "$OUT/gpu.json"
-phase sweep 90 "$PYTHON" scripts/gpu_sweep.py --json "$OUT/sweep.json"
-echo "gpu_check: $([ "$status" -eq 0 ] && echo PASSED || echo FAILED); logs in $OUT"
+if [ -n "$runs" ]; then  # the issues' bars: all rows in the log, the unmet ones (at most 30) here
+  echo "== bars (python scripts/bars.py $(echo $runs))" >>"$LOG"
+  "$PYTHON" scripts/bars.py $runs >>"$LOG" 2>&1
+  "$PYTHON" scripts/bars.py --unmet $runs 2>&1 | tail -n 31
+fi
+printf '%s\n' "${summary[@]}"
+echo "gpu_check: $([ "$status" -eq 0 ] && echo PASSED || echo FAILED); log: $LOG"
 exit "$status"

@@ -59,3 +59,37 @@ def test_report_round_trip(tmp_path, capsys):
     bench.main(["--report", str(path)])
     text = capsys.readouterr().out
     assert "tiny" in text and "torch.nn" in text and "cpu" in text
+
+
+def test_run_cut_short_keeps_its_finished_cases(tmp_path, monkeypatch, capsys):
+    """The JSON is rewritten after every case: a run killed in its second case leaves the first, and the
+    report says the run is partial."""
+    calls, real_run_case = [], bench.run_case
+
+    def run_case(workload, cell, dtype, device, args):
+        calls.append(cell)
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # as a kill in the middle of the second case
+        return real_run_case(TINY, cell, dtype, device, args)
+
+    monkeypatch.setattr(bench, "run_case", run_case)
+    path = tmp_path / "run.json"
+    argv = ["--device", "cpu", "--workloads", "timemachine-char", "--cells", "lstm,gru", "--repeats", "2",
+            "--warmup", "1", "--min-sample-ms", "0.1", "--json", str(path)]
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv)
+    saved = json.loads(path.read_text())
+    assert [(case["workload"], case["cell"]) for case in saved["cases"]] == [("tiny", "lstm")]
+    assert saved["metadata"]["cases_planned"] == 2
+    capsys.readouterr()
+    bench.main(["--report", str(path)])
+    assert "partial run: 1 of 2 cases" in capsys.readouterr().out
+
+
+def test_time_limit_starts_no_case_past_it(tmp_path, capsys):
+    path = tmp_path / "run.json"
+    bench.main(["--device", "cpu", "--workloads", "timemachine-char", "--cells", "rnn", "--time-limit", "0",
+                "--json", str(path)])
+    saved = json.loads(path.read_text())
+    assert saved["cases"] == [] and saved["metadata"]["time_limit_reached"]
+    assert "partial run: 0 of 1 cases (--time-limit 0 s reached)" in capsys.readouterr().out
