@@ -7,11 +7,14 @@
 // h and c stay in registers. Backward: the block keeps the W_hh COLUMNS of its units; per step it first
 // finishes the gate gradients of its units (dc stays in registers), then after the barrier computes its
 // own units of dh_{t-1} = d gates_t W_hh from the whole d gates_t row, so no reduction crosses blocks.
+// What one block writes and every block reads at the next barrier (h_t forward, d gates_t backward) goes
+// through a two-slot buffer whose rows, like the weight rows in shared memory, are zero-padded to whole
+// 16-byte vectors: any H runs (ptb's 650 and 1500 among the benchmark's), with vector loads throughout.
 //
 // Assumes (plan_persistent checks, recurrence.cu prepares): float32, float16 or bfloat16; no projection;
-// H a multiple of kVec (rows of 16 bytes); every tensor contiguous; buffers the kernels read with 16-byte
-// loads (hbuf, grad_gh) allocated here, so 16-byte aligned; B * units <= kItems * kThreads; the grid
-// co-resident (the occupancy API sizes it, the cooperative launch verifies it).
+// every tensor contiguous; the two-slot buffers the kernels read with 16-byte loads allocated (zeroed)
+// here, so 16-byte aligned; B * units <= kItems * kThreads; the grid co-resident (the occupancy API sizes
+// it, the cooperative launch verifies it).
 #include <cooperative_groups.h>
 
 #include <algorithm>
@@ -31,11 +34,18 @@ constexpr int kThreads = 512;
 constexpr int kItems = 2;           // (b, unit) pairs per thread in the pointwise phases
 constexpr int kChunksInFlight = 4;  // 16-byte loads of the vector a lane issues before using them
 // Matrix rows one warp reduces per pass over a vector: as many as the registers hold (a float vector takes
-// twice the registers of a 16-bit one). At 8 float rows the LSTM and GRU forward kernels spill 20-24 bytes
-// under the 128-register cap (ptxas -v, sm_90): a few local stores and loads per step against the 31
-// shuffles warp_sum_each saves; to be weighed on a GPU.
+// twice the registers of a 16-bit one). At 8 float rows the float LSTM forward kernel spills 8 bytes under
+// the 128-register cap (ptxas -v, sm_90, nvcc 13.0; the others none): a local store and load per step
+// against the 31 shuffles warp_sum_each saves; to be weighed on a GPU.
 template <typename scalar_t>
 constexpr int kRowsPerItem = sizeof(scalar_t) == 2 ? 16 : 8;
+
+// A row of n elements padded to whole 16-byte vectors: the row stride of the weights in shared memory and
+// of the two-slot buffers.
+template <typename scalar_t>
+RK_HD constexpr int64_t padded(int64_t n) {
+  return (n + kVec<scalar_t> - 1) / kVec<scalar_t> * kVec<scalar_t>;
+}
 
 // out[b * R + r] = sum_k vec[b * K + k] * mat[r * K + k] for b < B, r < R, summed in float. vec is global
 // memory that other blocks write during the kernel (read through L2); mat is in shared memory. K is a
@@ -82,7 +92,7 @@ struct ForwardArgs {
   int B, H, units;
   const scalar_t *gx, *h0, *c0, *w_hh, *b_hh;  // c0 (LSTM) and b_hh may be null
   scalar_t *output, *h_n, *c_n, *workspace;   // c_n (LSTM) and workspace may be null
-  scalar_t* hbuf;  // (2, B, H): step s reads slot (s + 1) % 2 (slot 1 holds h0) and writes slot s % 2
+  scalar_t* hbuf;  // (2, B, padded(H)): step s reads slot (s + 1) % 2 (slot 1 holds h0), writes slot s % 2
 };
 
 template <typename scalar_t>
@@ -91,6 +101,7 @@ struct BackwardArgs {
   int B, H, units;
   const scalar_t *grad_output, *grad_h_n, *grad_c_n, *h0, *c0, *w_hh, *output, *workspace;  // grad_c_n may be null
   scalar_t *grad_gx, *grad_gh, *grad_h0, *grad_c0;  // grad_gh == grad_gx but for the GRU
+  scalar_t* dgh_slots;  // (2, B, padded(G * H)): d gates_t of the recurrent part, step s in slot s % 2
 };
 
 // The pointwise phases give each thread up to kItems of the block's B x mine (batch row, unit) pairs,
@@ -107,14 +118,15 @@ struct Item {
 template <Cell cell, typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<scalar_t> a) {
   constexpr int G = static_cast<int>(gates_of(cell)), W = workspace_values(cell);
-  const int B = a.B, H = a.H, U = a.units, R = G * U;
+  const int B = a.B, H = a.H, U = a.units, R = G * U, Hp = static_cast<int>(padded<scalar_t>(H));
   const int u0 = blockIdx.x * U, mine = min(U, H - u0), n = B * mine;
-  // Shared row g * U + u holds W_hh row g * H + u0 + u (zeros past H), then the pre-activations (B x R).
+  // Shared row g * U + u holds W_hh row g * H + u0 + u (zeros past H and past the block's units), rows
+  // Hp apart, then the pre-activations (B x R).
   scalar_t* w = dynamic_shared<scalar_t>();
-  float* pre = reinterpret_cast<float*>(w + static_cast<int64_t>(R) * H);
-  for (int64_t e = threadIdx.x; e < static_cast<int64_t>(R) * H; e += kThreads) {
-    const int row = static_cast<int>(e / H), k = static_cast<int>(e % H), g = row / U, u = row % U;
-    w[e] = u < mine ? a.w_hh[static_cast<int64_t>(g * H + u0 + u) * H + k] : scalar_t(0);
+  float* pre = reinterpret_cast<float*>(w + static_cast<int64_t>(R) * Hp);
+  for (int64_t e = threadIdx.x; e < static_cast<int64_t>(R) * Hp; e += kThreads) {
+    const int row = static_cast<int>(e / Hp), k = static_cast<int>(e % Hp), g = row / U, u = row % U;
+    w[e] = u < mine && k < H ? a.w_hh[static_cast<int64_t>(g * H + u0 + u) * H + k] : scalar_t(0);
   }
   float h[kItems], c[kItems];
 #pragma unroll
@@ -136,9 +148,9 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<
 #pragma unroll
       for (int g = 0; g < G; ++g) x[k][g] = a.gx[(t * B + it.b) * G * H + g * H + u0 + it.u];
     }
-    block_matvec(a.hbuf + ((step + 1) & 1) * B * H, w, B, R, H, pre);
+    block_matvec(a.hbuf + ((step + 1) & 1) * B * Hp, w, B, R, Hp, pre);
     __syncthreads();
-    scalar_t* h_next = a.hbuf + (step & 1) * B * H;
+    scalar_t* h_next = a.hbuf + (step & 1) * B * Hp;
 #pragma unroll
     for (int k = 0; k < kItems; ++k) {
       const Item it(k, mine, n);
@@ -162,7 +174,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<
         for (int v = 0; v < W; ++v) a.workspace[row * W * H + v * H + j] = scalar_t(0);
       }
       a.output[row * H + j] = active ? h[k] : 0.f;
-      h_next[it.b * H + j] = h[k];
+      h_next[it.b * Hp + j] = h[k];
     }
     if (step + 1 < a.steps.T) grid.sync();
   }
@@ -178,14 +190,16 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<
 template <Cell cell, typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArgs<scalar_t> a) {
   constexpr int G = static_cast<int>(gates_of(cell)), W = workspace_values(cell);
-  const int B = a.B, H = a.H, U = a.units, K = G * H;
+  const int B = a.B, H = a.H, U = a.units, K = G * H, Kp = static_cast<int>(padded<scalar_t>(K));
   const int u0 = blockIdx.x * U, mine = min(U, H - u0), n = B * mine;
-  // Shared row u holds W_hh column u0 + u (zeros past H), then dh_{t-1} of the block's units (B x U).
+  // Shared row u holds W_hh column u0 + u (zeros past K and past the block's units), rows Kp apart, then
+  // dh_{t-1} of the block's units (B x U).
   scalar_t* w = dynamic_shared<scalar_t>();
-  float* rec = reinterpret_cast<float*>(w + static_cast<int64_t>(U) * K);
-  for (int64_t e = threadIdx.x; e < static_cast<int64_t>(U) * K; e += kThreads) {
+  float* rec = reinterpret_cast<float*>(w + static_cast<int64_t>(U) * Kp);
+  for (int64_t e = threadIdx.x; e < static_cast<int64_t>(U) * Kp; e += kThreads) {
     const int r = static_cast<int>(e / U), u = static_cast<int>(e % U);  // consecutive threads, consecutive columns
-    w[static_cast<int64_t>(u) * K + r] = u < mine ? a.w_hh[static_cast<int64_t>(r) * H + u0 + u] : scalar_t(0);
+    w[static_cast<int64_t>(u) * Kp + r] =
+        u < mine && r < K ? a.w_hh[static_cast<int64_t>(r) * H + u0 + u] : scalar_t(0);
   }
   float dh[kItems], dc[kItems], direct[kItems];
 #pragma unroll
@@ -200,6 +214,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
   cg::grid_group grid = cg::this_grid();
   for (int64_t step = a.steps.T - 1; step >= 0; --step) {
     const int64_t t = a.steps.time(step);
+    scalar_t* dgh_slot = a.dgh_slots + (step & 1) * B * Kp;
 #pragma unroll
     for (int k = 0; k < kItems; ++k) {
       const Item it(k, mine, n);
@@ -223,10 +238,11 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
       for (int q = 0; q < G; ++q) {
         a.grad_gx[row * K + q * H + j] = dgx[q];
         if (cell == Cell::GRU) a.grad_gh[row * K + q * H + j] = dgh[q];
+        dgh_slot[b * Kp + q * H + j] = dgh[q];
       }
     }
     grid.sync();
-    block_matvec(a.grad_gh + t * B * K, w, B, U, K, rec);
+    block_matvec(dgh_slot, w, B, U, Kp, rec);
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < kItems; ++k) {
@@ -297,12 +313,8 @@ PersistentPlan plan_for(bool backward, const RecurrenceDims& d, const at::Device
     plan.why_not = "the device does not support cooperative launches";
     return plan;
   }
-  if (d.H % kVec<scalar_t> != 0) {
-    plan.why_not = "hidden_size must be a multiple of " + std::to_string(kVec<scalar_t>) + " for this dtype";
-    return plan;
-  }
   const int64_t units = units_per_block(d.H, prop->multiProcessorCount);
-  const int64_t rows_per_unit = backward ? 1 : d.G, K = backward ? d.G * d.H : d.H;
+  const int64_t rows_per_unit = backward ? 1 : d.G, K = padded<scalar_t>(backward ? d.G * d.H : d.H);
   const int64_t smem = units * rows_per_unit * (K * int64_t{sizeof(scalar_t)} + d.B * int64_t{sizeof(float)});
   if (d.B * units > int64_t{kItems} * kThreads) {
     plan.why_not = "batch x hidden units per block (" + std::to_string(d.B * units) + ") exceeds " +
@@ -351,10 +363,10 @@ template <Cell cell>
 void persistent_forward(const PersistentPlan& plan, const RecurrenceDims& d, const Steps& steps, const Tensor& gx,
                         const Tensor& h0, const Tensor& c0, const Tensor& w_hh, const std::optional<Tensor>& b_hh,
                         Tensor& output, Tensor& h_n, Tensor& c_n, Tensor& workspace) {
-  Tensor hbuf = at::empty({2, d.B, d.H}, gx.options());
-  hbuf[1].copy_(h0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gx.scalar_type(), "rnnkernels_persistent_forward", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
+      Tensor hbuf = at::zeros({2, d.B, padded<scalar_t>(d.H)}, gx.options());  // zeros: the padding
+      hbuf[1].narrow(1, 0, d.H).copy_(h0);
       const ForwardArgs<scalar_t> args{steps, static_cast<int>(d.B), static_cast<int>(d.H), plan.units,
                                        gx.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), maybe<scalar_t>(c0),
                                        w_hh.data_ptr<scalar_t>(), maybe<scalar_t>(b_hh), output.data_ptr<scalar_t>(),
@@ -373,13 +385,14 @@ void persistent_backward(const PersistentPlan& plan, const RecurrenceDims& d, co
                          Tensor& grad_c0) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, output.scalar_type(), "rnnkernels_persistent_backward", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
+      Tensor dgh_slots = at::zeros({2, d.B, padded<scalar_t>(d.G * d.H)}, output.options());  // zeros: the padding
       const BackwardArgs<scalar_t> args{steps, static_cast<int>(d.B), static_cast<int>(d.H), plan.units,
                                         grad_output.data_ptr<scalar_t>(), grad_h_n.data_ptr<scalar_t>(),
                                         maybe<scalar_t>(grad_c_n), h0.data_ptr<scalar_t>(), maybe<scalar_t>(c0),
                                         w_hh.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(),
                                         maybe<scalar_t>(workspace), grad_gx.data_ptr<scalar_t>(),
                                         grad_gh.data_ptr<scalar_t>(), grad_h0.data_ptr<scalar_t>(),
-                                        maybe<scalar_t>(grad_c0)};
+                                        maybe<scalar_t>(grad_c0), dgh_slots.data_ptr<scalar_t>()};
       launch_cooperative(backward_kernel<cell, scalar_t>, plan.blocks, kThreads, plan.smem, args);
     }
   });
