@@ -44,6 +44,18 @@ def test_a_missing_barrier_shows_in_the_results(emulated):
         assert not torch.equal(emulated.probe("neighbour"), expected)
 
 
+def test_a_race_between_blocks_shows_in_the_results(emulated):
+    """Blocks drift apart between grid barriers, as on a GPU: a value one block overwrites before another
+    has read it changes the results for some seed; read and written in two slots by parity, it never does."""
+    expected = torch.full((64,), 8.0)
+    racy = []
+    for seed in range(4):
+        emulated.configure(4, seed)
+        assert torch.equal(emulated.probe("exchange_two_slots"), expected)
+        racy.append(not torch.equal(emulated.probe("exchange_one_slot"), expected))
+    assert any(racy)
+
+
 @pytest.mark.parametrize("name,message", [
     ("split_barrier", "deadlocks; threads wait at different barriers: block 0: 32 at __syncthreads; "
                       "block 0: 32 at grid.sync"),

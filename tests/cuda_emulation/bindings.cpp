@@ -58,6 +58,24 @@ __global__ void stale_read_only(float* data) {  // reads through __ldg what anot
 
 __global__ void past_global(float* out) { out[threadIdx.x + 1] = 1.f; }  // out holds blockDim.x floats
 
+// Two blocks, one grid barrier a step: each reads what the other wrote at the step before and writes that
+// plus one, so after `steps` steps every value is `steps`. In one slot a block may overwrite the value
+// before the other has read it (a race between blocks, which only their drifting apart shows); in two
+// slots, read one and write the other by the step's parity (as the persistent kernels do), it is right.
+__global__ void exchange(float* slots, float* out, int steps, bool two_slots) {
+  const int me = static_cast<int>(blockIdx.x), other = 1 - me, t = static_cast<int>(threadIdx.x);
+  float value = 0.f;
+  for (int s = 0; s < steps; ++s) {
+    const float* read = slots + (two_slots ? (s + 1) % 2 : 0) * 64;
+    float* write = slots + (two_slots ? s % 2 : 0) * 64;
+    value = read[other * 32 + t] + 1.f;
+    __syncthreads();
+    write[me * 32 + t] = value;
+    cooperative_groups::this_grid().sync();
+  }
+  out[me * 32 + t] = value;
+}
+
 at::Tensor probe(const std::string& name) {
   using rnnkernels::cuda::launch_cooperative;
   using rnnkernels::cuda::launch_kernel;
@@ -74,6 +92,11 @@ at::Tensor probe(const std::string& name) {
   if (name == "stale_read_only") launch_kernel(stale_read_only, 2, 8, 0, out.data_ptr<float>());
   if (name == "past_global") launch_kernel(past_global, 1, 64, 0, out.data_ptr<float>());
   if (name == "past_shared") launch_kernel(past_shared, 1, 64, 64 * sizeof(float), out.data_ptr<float>());
+  if (name == "exchange_one_slot" || name == "exchange_two_slots") {
+    at::Tensor slots = at::zeros({2, 64}, at::kFloat);
+    launch_cooperative(exchange, 2, 32, 0, slots.data_ptr<float>(), out.data_ptr<float>(), 8,
+                       name == "exchange_two_slots");
+  }
   return out;
 }
 

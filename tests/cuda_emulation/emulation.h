@@ -5,10 +5,12 @@
 // on the CPU.
 //
 // Every CUDA thread of a launch runs as a fiber on the calling thread. A fiber runs until it reaches a
-// barrier (__syncthreads, a warp shuffle, grid.sync) or returns; when no fiber can run, the barriers whose
-// participants have all arrived are released. The order fibers run in is shuffled at every round (seeded),
-// so that a missing barrier shows as results that change with the seed rather than hiding behind one
-// fixed order; the blocks of a plain launch run one after another, in a shuffled order.
+// barrier (__syncthreads, a warp shuffle, grid.sync) or returns. A round runs the fibers of a random part
+// of the blocks, in a shuffled order (seeded), and then releases the barriers whose participants have all
+// arrived; so blocks drift apart as on a GPU, one passing several barriers while another has not moved,
+// and a missing barrier, inside a block or between blocks, shows as results that change with the seed
+// rather than hiding behind one fixed order. The blocks of a plain launch run one after another, in a
+// shuffled order.
 // Reported as errors: a deadlock, or barriers split between a block's threads (naming where each waits);
 // threads meeting at a barrier or a shuffle reached from different places in the code; a full-mask
 // shuffle after lanes of the warp returned; grid.sync outside a cooperative launch; a cooperative grid
@@ -187,8 +189,7 @@ inline void check_same_place(const std::vector<Fiber*>& fibers) {
   }
 }
 
-// Releases every barrier whose participants have all arrived; true if any was. Called when no fiber can
-// run, so every fiber that has not returned waits at some barrier.
+// Releases every barrier whose participants have all arrived (warp shuffles first); true if any was.
 inline bool release(Launch& launch) {
   bool released = false;
   const int slots = static_cast<int>(launch.blocks.size());
@@ -230,7 +231,9 @@ inline bool release(Launch& launch) {
   if (released) return true;
   const bool all_grid = std::all_of(launch.fibers.begin(), launch.fibers.end(),
                                     [](const auto& f) { return f->done || f->wait == Wait::grid; });
-  if (all_grid) {
+  const bool any_grid = std::any_of(launch.fibers.begin(), launch.fibers.end(),
+                                    [](const auto& f) { return f->wait == Wait::grid; });
+  if (all_grid && any_grid) {
     for (auto& f : launch.fibers) {
       TORCH_CHECK(!f->done, "emulation: grid.sync after ", where(*f), " returned");
       f->wait = Wait::none;
@@ -281,23 +284,29 @@ inline void run_blocks(Launch& launch, unsigned first, unsigned count) {
     }
   }
   std::vector<Fiber*> runnable;
+  std::vector<char> chosen(count);
   for (;;) {
     runnable.clear();
     for (auto& f : launch.fibers) {
       if (!f->done && f->wait == Wait::none) runnable.push_back(f.get());
     }
-    if (!runnable.empty()) {
-      std::shuffle(runnable.begin(), runnable.end(), launch.order);
-      for (Fiber* f : runnable) {
-        launch.current = f;
-        swapcontext(&launch.scheduler, &f->context);
-        if (launch.error) std::rethrow_exception(launch.error);
-      }
-      launch.current = nullptr;
+    if (runnable.empty()) {
+      if (std::all_of(launch.fibers.begin(), launch.fibers.end(), [](const auto& f) { return f->done; })) break;
+      if (!release(launch)) stuck(launch);
       continue;
     }
-    if (std::all_of(launch.fibers.begin(), launch.fibers.end(), [](const auto& f) { return f->done; })) break;
-    if (!release(launch)) stuck(launch);
+    // The blocks this round runs: each by a coin, and the block of one runnable fiber whatever the coins say.
+    for (char& c : chosen) c = static_cast<char>(launch.order() & 1);
+    chosen[runnable[launch.order() % runnable.size()]->block_slot] = 1;
+    std::shuffle(runnable.begin(), runnable.end(), launch.order);
+    for (Fiber* f : runnable) {
+      if (!chosen[f->block_slot]) continue;
+      launch.current = f;
+      swapcontext(&launch.scheduler, &f->context);
+      if (launch.error) std::rethrow_exception(launch.error);
+    }
+    launch.current = nullptr;
+    release(launch);
   }
   for (unsigned b = 0; b < count; ++b) {
     const unsigned char* canary = launch.blocks[b].shared.get() + launch.smem;
