@@ -642,12 +642,14 @@ def main(argv=None) -> None:
             print(f"wrote {args.plot}", file=sys.stderr)
         return
     device = torch.device(args.device)
-    cases = [functools.partial(run_case, w, cell, dtype, device, args)
-             for w in args.workloads for cell in w.cells if cell in args.cells for dtype in args.dtypes]
-    cases += [functools.partial(run_word_lm, device, args)] if args.word_lm else []
+    # The word LM first: one case, and the end-to-end figure, so a run cut short by --time-limit keeps it.
+    cases = [functools.partial(run_word_lm, device, args)] if args.word_lm else []
+    cases += [functools.partial(run_case, w, cell, dtype, device, args)
+              for w in args.workloads for cell in w.cells if cell in args.cells for dtype in args.dtypes]
     report = {"metadata": {**metadata(device), "cases_planned": len(cases), "time_limit_s": args.time_limit},
               "settings": {"repeats": args.repeats, "warmup": args.warmup, "min_sample_ms": args.min_sample_ms,
-                           "backends": args.backends, "word_lm": args.word_lm,
+                           "backends": args.backends, "word_lm": args.word_lm, "cells": args.cells,
+                           "dtypes": [str(d).removeprefix("torch.") for d in args.dtypes],
                            "workloads": [dataclasses.asdict(w) for w in args.workloads]}, "cases": []}
     print(f"rnnkernels.bench on {device} ({report['metadata']['gpu'] or report['metadata']['cpu']}), "
           f"{len(cases)} cases, {args.repeats} repeats", file=sys.stderr)

@@ -1,6 +1,7 @@
 """The GPU issues' bars, checked against saved runs of `python -m rnnkernels.bench --json`: one row per bar
-and case with the figure measured, the figure needed and whether it is met; a case that was not run, ran
-wrong or lacks the figure does not meet its bar. scripts/gpu_check.sh prints it after the benchmark.
+and case with the figure measured, the figure needed and whether it is met; a case that a run set out to
+measure but did not reach, that ran wrong, or that lacks the figure does not meet its bar.
+scripts/gpu_check.sh prints it after the benchmark.
 
     python scripts/bars.py gpu-out/bench-bfloat16.json gpu-out/bench-float32.json [--unmet]
 
@@ -16,7 +17,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-TORCH = "torch.nn"  # rnnkernels.bench.TORCH, without importing torch for a report
+from rnnkernels.bench import TORCH
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,17 +84,23 @@ BARS = (
 )
 
 
-def rows(cases: list[dict], bars=BARS) -> list[dict]:
-    """Per bar, per case of its workloads in the runs: the value, and 'met', 'unmet', 'wrong' or 'missing'."""
+def rows(cases: list[dict], bars=BARS, planned=()) -> list[dict]:
+    """Per bar, per case of its workloads in the runs or planned by them, (workload, cell, dtype): the value,
+    and 'met', 'unmet', 'wrong', 'missing' (the backend or the figure) or 'not run' (a run cut short)."""
     out = []
+    ran = {(case["workload"], case["cell"], case["dtype"]) for case in cases}
+    not_run = [{"workload": w, "cell": cell, "dtype": dtype, "results": []}
+               for w, cell, dtype in sorted(set(planned) - ran)]
     for bar in bars:
-        for case in cases:
+        for case in cases + not_run:
             if case["workload"] not in bar.workloads:
                 continue
             row = {"issue": bar.issue, "bar": bar.text(), "backend": bar.backend, "workload": case["workload"],
                    "cell": case["cell"], "dtype": case["dtype"], "value": None}
             result = _result(case, bar.backend)
-            if result is None:
+            if not case["results"]:
+                row["verdict"] = "not run"
+            elif result is None:
                 row["verdict"] = "missing"
             elif not result["correct"]:
                 row["verdict"] = "wrong"
@@ -108,14 +115,20 @@ def rows(cases: list[dict], bars=BARS) -> list[dict]:
     return out
 
 
-def cases_of(paths: list[Path]) -> list[dict]:
-    """The cases of saved runs, each with its workload's seq (for figures per time step)."""
-    cases = []
+def cases_of(paths: list[Path]) -> tuple[list[dict], set[tuple[str, str, str]]]:
+    """The cases of saved runs, each with its workload's seq (for figures per time step), and the (workload,
+    cell, dtype) the runs set out to measure (runs saved before settings named their dtypes: those run)."""
+    cases, planned = [], set()
     for path in paths:
         saved = json.loads(path.read_text())
-        seq = {w["name"]: w["seq"] for w in saved["settings"]["workloads"]}
+        settings = saved["settings"]
+        dtypes = settings.get("dtypes") or sorted({case["dtype"] for case in saved["cases"]})
+        cells = settings.get("cells")
+        planned |= {(w["name"], cell, dtype) for w in settings["workloads"] for cell in w["cells"]
+                    if cells is None or cell in cells for dtype in dtypes}
+        seq = {w["name"]: w["seq"] for w in settings["workloads"]}
         cases += [{**case, "seq": seq.get(case["workload"])} for case in saved["cases"]]
-    return cases
+    return cases, planned
 
 
 def report(found: list[dict], unmet_only: bool = False) -> str:
@@ -136,7 +149,8 @@ def main(argv=None) -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="JSON files of python -m rnnkernels.bench --json")
     parser.add_argument("--unmet", action="store_true", help="show only the rows not met")
     args = parser.parse_args(argv)
-    print(report(rows(cases_of(args.runs)), args.unmet))
+    cases, planned = cases_of(args.runs)
+    print(report(rows(cases, planned=planned), args.unmet))
 
 
 if __name__ == "__main__":

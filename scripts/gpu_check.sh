@@ -2,11 +2,12 @@
 # Everything that needs a GPU, sized for a lease of 15 minutes of device time in commands of at most 10
 # minutes: two commands on one machine, the second sent as soon as the first returns (a machine stays warm
 # for about 30 s after a call, and a fresh one costs minutes to start).
-#   bash scripts/gpu_check.sh first    budget 450 s: build for sm_90; the CUDA backend's GPU tests;
-#                                      compute-sanitizer memcheck; the benchmark in bfloat16
-#   bash scripts/gpu_check.sh second   budget 270 s: the Triton backend's GPU tests; the benchmark in
-#                                      float32 with the word LM; the persistent kernels' sweep over units
-#                                      per block (scripts/gpu_sweep.py); compute-sanitizer racecheck
+#   bash scripts/gpu_check.sh first    budget 480 s: build for sm_90; the CUDA backend's GPU tests; the
+#                                      benchmark in bfloat16; compute-sanitizer memcheck
+#   bash scripts/gpu_check.sh second   budget 240 s: the benchmark in float32 with the word LM; the Triton
+#                                      backend's GPU tests; the persistent kernels' sweep over units per
+#                                      block (scripts/gpu_sweep.py); compute-sanitizer racecheck
+# In each group the phases run in that order, which is their priority: the last ones get what is left.
 # With no argument both groups run in one go; or name phases: build registered tests_cuda tests_triton
 # sanitize_memcheck sanitize_racecheck bench_bfloat16 bench_float32 sweep. GPU_CHECK_BUDGET_S replaces the
 # budget (give the second command what the lease has left). Every phase is capped at its own limit and at
@@ -24,11 +25,11 @@ LOG="$OUT/gpu_check.log"
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"  # the GPU machine's torch is its python3
 SANITIZER="${SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}"
 
-FIRST="build registered tests_cuda sanitize_memcheck bench_bfloat16"
-SECOND="build registered tests_triton bench_float32 sweep sanitize_racecheck"
+FIRST="build registered tests_cuda bench_bfloat16 sanitize_memcheck"
+SECOND="build registered bench_float32 tests_triton sweep sanitize_racecheck"
 case "${1:-}" in
-  first) selected=" $FIRST " budget=450 ;;
-  second) selected=" $SECOND " budget=270 ;;
+  first) selected=" $FIRST " budget=480 ;;
+  second) selected=" $SECOND " budget=240 ;;
   "") selected=" $FIRST $SECOND " budget=720 ;;
   *) selected=" $* " budget=720 ;;
 esac
@@ -60,7 +61,9 @@ phase() {  # phase NAME SECONDS COMMAND...: COMMAND under a time limit, its outp
   echo "== $name (limit ${limit}s): $*" | tee -a "$LOG"
   local start=$SECONDS first_line
   first_line=$(wc -l <"$LOG")
-  timeout "$limit" bash -c '"$@"' "$name" "$@" >>"$LOG" 2>&1  # bash: COMMAND may be a function below
+  # bash: COMMAND may be a function below. SIGINT first: pytest then still prints its summary of failures,
+  # and the benchmark has saved every case it finished.
+  timeout -s INT -k 10 "$limit" bash -c '"$@"' "$name" "$@" >>"$LOG" 2>&1
   local rc=$?
   tail -n +"$((first_line + 1))" "$LOG" | tail -n 12
   echo "== $name: exit $rc after $((SECONDS - start))s" | tee -a "$LOG"
@@ -71,7 +74,7 @@ phase() {  # phase NAME SECONDS COMMAND...: COMMAND under a time limit, its outp
 
 # The extension is rebuilt only when its sources changed since the last build on this machine (the second
 # command of a lease finds the first one's build; the working tree is copied anew, so mtimes say nothing).
-sources_digest() { cat setup.py $(find csrc -type f | sort) | sha256sum | cut -d' ' -f1; }
+sources_digest() { cat setup.py pyproject.toml $(find csrc -type f | sort) | sha256sum | cut -d' ' -f1; }
 build() {
   local stamp=build/gpu_check.sources
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$(sources_digest)" ] && "$PYTHON" -c "import rnnkernels._C"; then
@@ -105,30 +108,35 @@ nvidia-smi >>"$LOG" 2>&1
 if [[ "$selected" == *" build "* ]]; then
   phase build 200 build || { printf '%s\n' "${summary[@]}"; echo "build failed: nothing else can run"; exit 1; }
 fi
-phase registered 30 "$PYTHON" -c "import torch, rnnkernels; from importlib.metadata import version; \
+phase registered 30 "$PYTHON" -c "import torch, rnnkernels; from rnnkernels import backends; \
 assert torch._C._dispatch_has_kernel_for_dispatch_key('rnnkernels::lstm_forward', 'CUDA'), 'no CUDA kernels'; \
-print(rnnkernels.__file__, 'torch', torch.__version__, 'triton', version('triton'), torch.cuda.get_device_name())"
+print(rnnkernels.__file__, 'torch', torch.__version__, torch.cuda.get_device_name(), 'triton backend:', \
+backends.unsupported('triton', torch.device('cuda'), torch.float32) or 'available')"
 # The CUDA backend's GPU tests (and the modules' and the benchmark suite's); Triton's in the second group.
-phase tests_cuda 150 pytest_gpu tests -m cuda --ignore tests/test_triton.py
-phase tests_triton 100 pytest_gpu tests/test_triton.py
 # No caching allocator under the sanitizer: every buffer its own allocation, so out-of-bounds accesses
 # inside torch's memory pool are caught too.
 sanitize=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --error-exitcode 1 --print-limit 20)
+phase tests_cuda 120 pytest_gpu tests -m cuda --ignore tests/test_triton.py
+phase bench_bfloat16 180 bench bfloat16 "$(limit_for 180)"
 phase sanitize_memcheck 100 "${sanitize[@]}" --tool memcheck "$PYTHON" scripts/sanitize_case.py
-phase bench_bfloat16 300 bench bfloat16 "$(limit_for 300)"
-phase bench_float32 110 bench float32 "$(limit_for 110)" --word-lm
-phase sweep 50 "$PYTHON" scripts/gpu_sweep.py --json "$OUT/sweep.json"
+phase bench_float32 120 bench float32 "$(limit_for 120)" --word-lm
+# Not the slow tests there: they compile every kernel variant for sm_90 with ptxas, which the GPU does anyway.
+phase tests_triton 60 pytest_gpu tests/test_triton.py -m "not slow"
+phase sweep 40 "$PYTHON" scripts/gpu_sweep.py --json "$OUT/sweep.json"
 phase sanitize_racecheck 100 "${sanitize[@]}" --tool racecheck "$PYTHON" scripts/sanitize_case.py
 
-runs=$(ls "$OUT"/bench-*.json 2>/dev/null)
-for run in $runs; do
+runs=()
+for run in "$OUT"/bench-*.json; do
+  [ -f "$run" ] || continue
+  runs+=("$run")
   echo "== benchmark (python -m rnnkernels.bench --report $run)" >>"$LOG"
   "$PYTHON" -m rnnkernels.bench --report "$run" >>"$LOG" 2>&1
 done
-if [ -n "$runs" ]; then  # the issues' bars: all rows in the log, the unmet ones (at most 30) here
-  echo "== bars (python scripts/bars.py $(echo $runs))" >>"$LOG"
-  "$PYTHON" scripts/bars.py $runs >>"$LOG" 2>&1
-  "$PYTHON" scripts/bars.py --unmet $runs 2>&1 | tail -n 31
+if [ "${#runs[@]}" -gt 0 ]; then  # the issues' bars: every row in the log; here the first 30 unmet and the count
+  echo "== bars (python scripts/bars.py ${runs[*]})" >>"$LOG"
+  "$PYTHON" scripts/bars.py "${runs[@]}" >>"$LOG" 2>&1
+  "$PYTHON" scripts/bars.py --unmet "${runs[@]}" 2>&1 | head -n 31
+  tail -n 1 "$LOG"
 fi
 printf '%s\n' "${summary[@]}"
 echo "gpu_check: $([ "$status" -eq 0 ] && echo PASSED || echo FAILED); log: $LOG"

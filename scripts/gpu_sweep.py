@@ -14,11 +14,12 @@ import contextlib
 import json
 import os
 import statistics
+from pathlib import Path
 
 import torch
 
 from rnnkernels import ops
-from rnnkernels.bench import seconds_per_call
+from rnnkernels.bench import save, seconds_per_call
 from rnnkernels.reference import GATES
 from rnnkernels.workloads import Workload, lookup
 
@@ -110,7 +111,7 @@ def main() -> None:
     parser.add_argument("--cells", default="lstm,gru")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args()
     device = torch.device("cuda")
     rows = []
@@ -119,9 +120,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "rows": rows},
-                          f, indent=1)
+            save({"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "rows": rows}, args.json)
 
     sweep(lookup(args.workloads), args.cells.split(","), [getattr(torch, d) for d in args.dtypes.split(",")], UNITS,
           device, args.repeats, report)

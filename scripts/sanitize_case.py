@@ -1,6 +1,8 @@
 """A tiny forward and backward of every cell on both CUDA paths, in float32 and bfloat16, with variable
-lengths, plus the one-step operators (fused kernel and GEMM path): the workload scripts/gpu_check.sh runs
-under compute-sanitizer (memcheck, racecheck). Exits non-zero on any error it sees itself."""
+lengths, at a hidden size that fills whole 16-byte vectors and at one that does not (the persistent
+kernels' padded rows), plus the one-step operators (fused kernel and GEMM path): the workload
+scripts/gpu_check.sh runs under compute-sanitizer (memcheck, racecheck). Exits non-zero on any error it
+sees itself."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ MODULES = {
     "rnn_tanh": lambda: rnnkernels.RNN(8, 16, nonlinearity="tanh", backend="cuda"),
     "rnn_relu": lambda: rnnkernels.RNN(8, 16, nonlinearity="relu", bidirectional=True, backend="cuda"),
     "lstm_proj": lambda: rnnkernels.LSTM(8, 16, proj_size=8, backend="cuda"),
+    "gru_h6": lambda: rnnkernels.GRU(8, 6, bidirectional=True, backend="cuda"),
+    "rnn_relu_h6": lambda: rnnkernels.RNN(8, 6, nonlinearity="relu", backend="cuda"),
 }
 
 

@@ -22,10 +22,11 @@ spec.loader.exec_module(bars)
 LONG_SEQ = Workload("long-seq", ("lstm",), 1, 5, 8, 4, 3, "test")
 
 
-def saved_run(tmp_path, case: dict) -> Path:
+def saved_run(tmp_path, case: dict, dtypes=("float32",)) -> Path:
     path = tmp_path / "run.json"
+    workload = {"name": LONG_SEQ.name, "seq": LONG_SEQ.seq, "cells": list(LONG_SEQ.cells)}
     path.write_text(json.dumps({"metadata": bench.metadata(torch.device("cpu")),
-                                "settings": {"workloads": [{"name": LONG_SEQ.name, "seq": LONG_SEQ.seq}]},
+                                "settings": {"workloads": [workload], "cells": ["lstm", "gru"], "dtypes": list(dtypes)},
                                 "cases": [case]}))
     return path
 
@@ -37,7 +38,7 @@ def tiny_case() -> dict:
 
 def test_verdicts_on_a_real_run(tmp_path):
     case = tiny_case()
-    cases = bars.cases_of([saved_run(tmp_path, case)])
+    cases, _ = bars.cases_of([saved_run(tmp_path, case)])
     ours = next(r for r in case["results"] if r["candidate"] == "cpu")
     checked = bars.rows(cases, [
         bars.Bar(0, "cpu", "fwd us/step", ("long-seq",), 1e9, False),
@@ -56,14 +57,24 @@ def test_a_wrong_result_meets_no_bar(tmp_path):
     for result in case["results"]:
         if result["candidate"] == "cpu":
             result["correct"] = False
-    cases = bars.cases_of([saved_run(tmp_path, case)])
+    cases, _ = bars.cases_of([saved_run(tmp_path, case)])
     (row,) = bars.rows(cases, [bars.Bar(0, "cpu", "train x", ("long-seq",), 0.0, True)])
     assert row["verdict"] == "wrong" and row["value"] is None
+
+
+def test_a_case_the_run_did_not_reach_meets_no_bar(tmp_path):
+    """A run that set out to measure float32 and bfloat16 but stopped after the float32 case (--time-limit)."""
+    cases, planned = bars.cases_of([saved_run(tmp_path, tiny_case(), dtypes=("float32", "bfloat16"))])
+    assert planned == {("long-seq", "lstm", "float32"), ("long-seq", "lstm", "bfloat16")}
+    checked = bars.rows(cases, [bars.Bar(0, "cpu", "train x", ("long-seq",), 0.0, True)], planned)
+    assert [(r["dtype"], r["verdict"]) for r in checked] == [("float32", "met"), ("bfloat16", "not run")]
 
 
 def test_report_of_the_issue_bars(tmp_path, capsys):
     bars.main([str(saved_run(tmp_path, tiny_case()))])
     text = capsys.readouterr().out
     # long-seq has bars in both issues; this run has neither GPU backend
-    assert "long-seq" in text and "missing" in text and " met " not in text
-    assert text.strip().splitlines()[-1].startswith("bars met: issue 4 0 of ")
+    lines = text.strip().splitlines()
+    verdicts = {line.split()[-1] for line in lines[1:-1]}
+    assert verdicts == {"missing"} and any("long-seq" in line for line in lines)
+    assert lines[-1].startswith("bars met: issue 4 0 of ")

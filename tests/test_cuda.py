@@ -142,17 +142,17 @@ def test_rnn_matches_torch_float32(kind, case, path, hidden, monkeypatch, target
 # relu's gradient jumps at 0: in a 16-bit type a pre-activation within rounding of 0 lands on either side by
 # chance, and one that lands on the other side than in float64 costs whole gradient elements. The stepwise
 # path rounds as torch.nn does (its errors are torch.nn's), so it lands where torch.nn lands; the persistent
-# kernels keep h W_hh^T in float and now and then land elsewhere (seen at hidden 6, on a pre-activation of
-# 0.0017 in float64, with gradients 4x further off than torch.nn's). Their relu in 16 bits is held to the
-# rule on the operators instead, away from the kink (test_operators_low_precision).
+# kernels keep h W_hh^T in float and now and then land elsewhere: at hidden 6, on a pre-activation of
+# 0.0017 in float64, with gradients 4x further off than torch.nn's. That case is held to the rule on the
+# operators instead, away from the kink (test_operators_low_precision); hidden 16 lands where torch.nn does.
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("path,hidden", PATH_SIZES, ids=PATH_IDS)
 @pytest.mark.parametrize("kind,case", BF16_CASES, ids=[f"{k}-{c}" for k, c in BF16_CASES])
 def test_rnn_matches_torch_half_precision(kind, case, path, hidden, dtype, monkeypatch, target):
     if path == "persistent" and has_projection(case):
         pytest.skip("the projected LSTM runs stepwise")
-    if path == "persistent" and kind == "RNN_relu":
-        pytest.skip("relu in 16 bits on the persistent path: test_operators_low_precision, away from the kink")
+    if path == "persistent" and kind == "RNN_relu" and hidden == 6:
+        pytest.skip("relu in 16 bits at hidden 6 on the persistent path: test_operators_low_precision")
     use_path(monkeypatch, path)
     m, t, x, hx = build_case(kind, case, dtype, target.backend, device=target.device, hidden_size=hidden)
     check_module(m, t, x, hx, seed=99)

@@ -207,8 +207,9 @@ template <Cell cell>
 PersistentPlan plan_persistent(bool backward, at::ScalarType dtype, const RecurrenceDims& d, bool projected,
                                const at::Device& device);
 
-// Every tensor contiguous, 16-byte aligned and on the device; outputs need no clearing (the kernels write
-// every element). workspace is (T, B, 0) when the forward keeps none.
+// Every tensor contiguous and on the device (the 16-byte loads read only buffers persistent.cu allocates);
+// outputs need no clearing (the kernels write every element). workspace is (T, B, 0) when the forward
+// keeps none.
 template <Cell cell>
 void persistent_forward(const PersistentPlan& plan, const RecurrenceDims& d, const Steps& steps, const Tensor& gx,
                         const Tensor& h0, const Tensor& c0, const Tensor& w_hh, const std::optional<Tensor>& b_hh,
