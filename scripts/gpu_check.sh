@@ -86,7 +86,8 @@ build() {
 }
 
 # pytest on the GPU: four workers share it where pytest-xdist is installed (small tests are latency-bound);
-# a hung test (a kernel that never returns) ends its worker after 120 s where pytest-timeout is, not the phase.
+# where pytest-timeout is, a hung test (a kernel that never returns) is ended after 120 s with its stack
+# printed, and under xdist only its worker, which is replaced, so the other tests still run.
 pytest_gpu() {
   local options=(-q -rfE -p no:cacheprovider --maxfail=50)
   "$PYTHON" -c "import xdist" 2>/dev/null && options+=(-n 4)
@@ -112,10 +113,10 @@ phase registered 30 "$PYTHON" -c "import torch, rnnkernels; from rnnkernels impo
 assert torch._C._dispatch_has_kernel_for_dispatch_key('rnnkernels::lstm_forward', 'CUDA'), 'no CUDA kernels'; \
 print(rnnkernels.__file__, 'torch', torch.__version__, torch.cuda.get_device_name(), 'triton backend:', \
 backends.unsupported('triton', torch.device('cuda'), torch.float32) or 'available')"
-# The CUDA backend's GPU tests (and the modules' and the benchmark suite's); Triton's in the second group.
 # No caching allocator under the sanitizer: every buffer its own allocation, so out-of-bounds accesses
 # inside torch's memory pool are caught too.
 sanitize=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --error-exitcode 1 --print-limit 20)
+# The CUDA backend's GPU tests (and the modules' and the benchmark suite's); Triton's in the second group.
 phase tests_cuda 120 pytest_gpu tests -m cuda --ignore tests/test_triton.py
 phase bench_bfloat16 180 bench bfloat16 "$(limit_for 180)"
 phase sanitize_memcheck 100 "${sanitize[@]}" --tool memcheck "$PYTHON" scripts/sanitize_case.py
