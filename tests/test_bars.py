@@ -32,7 +32,9 @@ def saved_run(tmp_path, case: dict, dtypes=("float32",)) -> Path:
 
 
 def tiny_case() -> dict:
-    args = bench.parse_args(["--repeats", "2", "--warmup", "1", "--min-sample-ms", "0.1", "--device", "cpu"])
+    # The cpu backend alone: under TRITON_INTERPRET=1 the triton backend would run on the CPU too.
+    args = bench.parse_args(["--repeats", "2", "--warmup", "1", "--min-sample-ms", "0.1", "--device", "cpu",
+                             "--backends", "cpu"])
     return bench.run_case(LONG_SEQ, "lstm", torch.float32, torch.device("cpu"), args)
 
 
