@@ -618,13 +618,15 @@ def save(report: dict, path: Path) -> None:
     partial.replace(path)
 
 
-def completeness_note(metadata: dict, cases_done: int) -> str | None:
-    """A line for the table where a run stopped before its last case (--time-limit, or killed)."""
+def print_report(report: dict) -> None:
+    """The table of a run, run now or saved, and a line saying so where it stopped before its last case
+    (--time-limit, or killed)."""
+    metadata, cases = report["metadata"], report["cases"]
+    print(table(cases, torch.device(metadata["device"])))
     planned = metadata.get("cases_planned")
-    if planned is None or cases_done >= planned:
-        return None
-    return f"partial run: {cases_done} of {planned} cases" + (
-        f" (--time-limit {metadata['time_limit_s']:g} s reached)" if metadata.get("time_limit_reached") else "")
+    if planned is not None and len(cases) < planned:
+        print(f"partial run: {len(cases)} of {planned} cases" + (
+            f" (--time-limit {metadata['time_limit_s']:g} s reached)" if metadata.get("time_limit_reached") else ""))
 
 
 def main(argv=None) -> None:
@@ -633,10 +635,7 @@ def main(argv=None) -> None:
         load_pyplot()  # fail now, not after the run
     if args.report:
         saved = json.loads(args.report.read_text())
-        print(table(saved["cases"], torch.device(saved["metadata"]["device"])))
-        note = completeness_note(saved["metadata"], len(saved["cases"]))
-        if note:
-            print(note)
+        print_report(saved)
         if args.plot:
             plot(saved["cases"], args.plot, saved["metadata"]["device"])
             print(f"wrote {args.plot}", file=sys.stderr)
@@ -666,10 +665,7 @@ def main(argv=None) -> None:
         if args.json:
             save(report, args.json)
     report["metadata"]["load_average_at_end"] = os.getloadavg()
-    print(table(report["cases"], device))
-    note = completeness_note(report["metadata"], len(report["cases"]))
-    if note:
-        print(note)
+    print_report(report)
     if args.json:
         save(report, args.json)
         print(f"wrote {args.json}", file=sys.stderr)
