@@ -91,10 +91,11 @@ def test_rnn_matches_torch_float16(kind, path):
 
 @pytest.mark.parametrize("kind", list(RNN_KINDS))
 def test_rnn_several_tiles(kind, path):
-    """More hidden units than one column tile (64), more rows than one batch tile (16), K past one step (32)."""
+    """More hidden units than one column tile (16) and than one step of K (32), more rows than one batch
+    tile (64): on the GPU's persistent path two batch tiles, each with its own barrier among five programs."""
     module_kw = {"bidirectional": True, **({"proj_size": 13} if kind == "LSTM" else {})}
     m = torch_module(kind, dtype=torch.float32, device=DEVICE, input_size=7, hidden_size=70, **module_kw)
-    x, hx = rnn_inputs(m, T=4, B=19, hx=True, packed="unsorted")
+    x, hx = rnn_inputs(m, T=4, B=70, hx=True, packed="unsorted")
     check_twin(m, twin(m, "triton"), x, hx)
 
 
@@ -195,6 +196,41 @@ def test_operators_low_precision(cell, projected, dtype, path):
         assert_rule(f"result {i}", ours.cpu(), theirs, exact, dtype)
 
 
+def two_column_programs(monkeypatch):
+    from rnnkernels.triton import launch
+
+    monkeypatch.delenv(launch.PATH_ENV, raising=False)
+    monkeypatch.setattr(launch, "_column_programs", lambda *args: 2)
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="the interpreter cannot run two programs that meet at a barrier")
+@pytest.mark.parametrize("kind", list(RNN_KINDS))
+def test_programs_that_own_several_column_tiles(kind, monkeypatch):
+    """Fewer programs per batch tile than column tiles, as when the batch tiles fill the device: each
+    program loops over three tiles of every phase between the barriers."""
+    two_column_programs(monkeypatch)
+    module_kw = {"proj_size": 40} if kind == "LSTM" else {}
+    m = torch_module(kind, dtype=torch.float32, device=DEVICE, input_size=8, hidden_size=96, **module_kw)
+    x, hx = rnn_inputs(m, T=6, B=20, hx=True, packed="unsorted")
+    check_twin(m, twin(m, "triton"), x, hx)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on the GPU two programs are resident at once and meet")
+@pytest.mark.parametrize("cell,projected", OP_CELLS, ids=["lstm", "lstm_w_hr", "gru", "rnn_tanh", "rnn_relu"])
+def test_a_barrier_that_cannot_be_met_gives_up_with_nan(cell, projected, monkeypatch):
+    """Programs that are not resident together (here: the interpreter, one after another) never meet: the
+    barrier gives up instead of hanging, and the final state says the result is wrong."""
+    two_column_programs(monkeypatch)
+    args = op_args(cell, projected, H=40, P=20)
+    output, h_n, _, workspace = getattr(torch.ops.rnnkernels, f"triton_{cell}_forward")(*args)
+    assert h_n.isnan().any()
+    gx, h0, c0, w_hh, _, w_hr, lengths, reverse = args
+    grads = (torch.ones_like(output), torch.ones_like(h_n), torch.ones_like(c0) if cell == "lstm" else None)
+    grad_h0 = getattr(torch.ops.rnnkernels, f"triton_{cell}_backward")(*grads, h0, c0, w_hh, w_hr, lengths, reverse,
+                                                                      output.nan_to_num(), workspace.nan_to_num())[1]
+    assert grad_h0.isnan().any()
+
+
 @pytest.mark.parametrize("T,B", [(0, 3), (3, 0)], ids=["no_steps", "no_sequences"])
 def test_empty_sizes(T, B):
     args = op_args("lstm", T=T, B=B, lengths=None)
@@ -236,13 +272,12 @@ def test_path_rule(monkeypatch):
     from rnnkernels.triton import launch
 
     monkeypatch.delenv(launch.PATH_ENV, raising=False)
-    assert launch.choose_path(4 * 256 * 256) == "persistent"  # LSTM, H = 256
-    assert launch.choose_path(4 * 512 * 512) == "per_step"
+    assert launch.choose_path() == "persistent"
     monkeypatch.setenv(launch.PATH_ENV, "per_step")
-    assert launch.choose_path(16) == "per_step"
+    assert launch.choose_path() == "per_step"
     monkeypatch.setenv(launch.PATH_ENV, "fastest")
     with pytest.raises(ValueError, match="RNNKERNELS_TRITON_PATH"):
-        launch.choose_path(16)
+        launch.choose_path()
 
 
 # --------------------------------------------------------------------------------------- torch.compile

@@ -26,16 +26,26 @@ POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp1
 STATE_BUFFERS = {"h_ptr", "c_ptr", "m_ptr", "dh_ptr", "dc_ptr"}  # float32 whatever the dtype
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
-# (cell, projected, forward phases (gates, projection)) as launch.py launches them
-VARIANTS = [("lstm", False, [(True, False)]), ("lstm", True, [(True, True), (True, False), (False, True)]),
-            ("gru", False, [(True, False)]), ("rnn_tanh", False, [(True, False)]), ("rnn_relu", False, [(True, False)])]
+# (cell, projected) and the phase flags as launch.py launches them: all of a step's phases in one program
+# with the grid barrier (the persistent path), or one phase at a time without (the per-step path).
+CELLS = [("lstm", False), ("lstm", True), ("gru", False), ("rnn_tanh", False), ("rnn_relu", False)]
+
+
+def variants(cell: str, projected: bool):
+    """(kernel, constexprs) of every launch of one cell."""
+    forward_phases = [(True, projected, True), (True, False, False)] + ([(False, True, False)] if projected else [])
+    for gates, projection, grid_sync in forward_phases:
+        yield kernels.forward_kernel, dict(HAS_BIAS=True, KEEP_WORKSPACE=True, GATE_PHASE=gates,
+                                           PROJECTION_PHASE=projection, GRID_SYNC=grid_sync)
+    for gate, state, grid_sync in ((True, True, True), (True, False, False), (False, True, False)):
+        yield kernels.backward_kernel, dict(GATE_PHASE=gate, STATE_PHASE=state, GRID_SYNC=grid_sync)
 
 
 def signature(fn, dtype: torch.dtype, constants: dict) -> dict:
     def kind(name):
         if name in constants:
             return "constexpr"
-        if name == "lengths_ptr":
+        if name in ("lengths_ptr", "sync_ptr"):
             return "*i32"
         if name.endswith("_ptr"):
             return "*fp32" if name in STATE_BUFFERS else POINTER[dtype]
@@ -61,22 +71,15 @@ def ptxas_report(ptx: str, arch: int) -> str:
 def compile_all(arch: int) -> None:
     target = GPUTarget("cuda", arch, 32)
     for dtype in launch.DTYPES:
-        for cell, projected, phases in VARIANTS:
-            meta = launch._meta(dtype, 256, 256)
+        for cell, projected in CELLS:
+            meta = launch._meta(dtype, 64, 256, 256)
             options = {"num_warps": meta.pop("num_warps")}
-            base = dict(meta, CELL=cell, GATES=launch.GATES[cell], PROJECTED=projected)
-            kernels_to_build = [
-                (kernels.forward_kernel, dict(base, HAS_BIAS=True, KEEP_WORKSPACE=True, GATE_PHASE=gates,
-                                              PROJECTION_PHASE=projection))
-                for gates, projection in phases
-            ]
-            kernels_to_build += [(kernels.backward_kernel, dict(base, GATE_PHASE=gate, STATE_PHASE=state))
-                                 for gate, state in ((True, True), (True, False), (False, True))]
-            for fn, constants in kernels_to_build:
+            for fn, flags in variants(cell, projected):
+                constants = dict(meta, CELL=cell, GATES=launch.GATES[cell], PROJECTED=projected, **flags)
                 compiled = triton.compile(ASTSource(fn, signature(fn, dtype, constants), constants),
                                           target=target, options=options)
-                phases_text = ",".join(k for k, v in constants.items() if k.endswith("PHASE") and v)
-                print(f"sm_{arch} {fn.__name__} {cell}{' w_hr' if projected else ''} {dtype} {phases_text}: "
+                on = ",".join(k for k, v in flags.items() if v is True and k != "HAS_BIAS" and k != "KEEP_WORKSPACE")
+                print(f"sm_{arch} {fn.__name__} {cell}{' w_hr' if projected else ''} {dtype} {on}: "
                       f"{ptxas_report(compiled.asm['ptx'], arch)}")
 
 

@@ -11,12 +11,18 @@
 # - the tiles: BLOCK_B, BLOCK_N, BLOCK_K powers of two >= 16 (tl.dot's minimum); any B, H, P is masked;
 # - T * B and G * H * max(H, P) below 2^31: indices are int32 until they scale a row width (then int64);
 # - a program owns the batch rows of its tile (axis 0) and the columns n0, n0 + num_programs(1) *
-#   BLOCK_N, ... of each phase (axis 1). The persistent path launches one program per batch tile
-#   (num_programs(1) == 1) over all time steps; each phase then reads what the same program wrote in
-#   the phase before, ordered by tl.debug_barrier. The per-step path launches each phase of each
-#   step on its own, one program per (batch tile, column tile), and stream order does the rest.
-#   Nothing ever synchronises programs within one launch (no grid barrier), so the interpreter, which
-#   runs programs one after another, runs the same code as the GPU.
+#   BLOCK_N, ... of each phase (axis 1). The persistent path (GRID_SYNC) launches all time steps at once
+#   and separates the phases whose data crosses programs by a barrier among the programs of a batch tile
+#   (_grid_barrier on that tile's counter in sync_ptr, zero at launch): launch.py keeps the grid no larger
+#   than the multiprocessor count, so all of them are resident and the barrier cannot deadlock. Its
+#   release and acquire, each with a CTA barrier on its side, are what make one program's stores visible
+#   to another's plain loads (L1 included) in the PTX memory model. The per-step path launches each phase
+#   of each step on its own, and stream order does the rest.
+# - Triton's interpreter runs programs one after another, so no barrier could wait there for another: it
+#   runs the persistent path with one program per batch tile (the barrier's counting is checked, its wait
+#   is not) and the per-step path with the columns split as on the GPU.
+# - a barrier that waits max_polls polls gives up, later barriers of the launch do not wait, and the final
+#   state (h_n, grad_h0) is set to NaN, so a broken residency shows as a wrong result, not as a hang.
 # - accumulation in float32; the operands of every tl.dot are first rounded to the weights' dtype, as
 #   torch.nn rounds its states.
 # - Triton's interpreter gets bfloat16 wrong (its tl.dot multiplies the bit patterns as integers, its
@@ -169,21 +175,60 @@ def _store(rows_ptr, cols, mask, value):
     tl.store(rows_ptr[:, None] + cols[None, :], _round(value, rows_ptr.dtype.element_ty), mask=mask)
 
 
+# -------------------------------------------------------------------------------------- grid barrier
+@triton.jit
+def _grid_barrier(counter_ptr, arrivals, timeouts, max_polls, GRID_SYNC: tl.constexpr):
+    """The end of a phase: with GRID_SYNC, waits until every program of the batch tile has ended it too
+    (the counter reaches `arrivals` ends of num_programs(1) programs each); else only the program's own
+    threads. Returns (arrivals, timeouts) counted on."""
+    tl.debug_barrier()  # every thread's stores of the phase come before the release below
+    if GRID_SYNC:
+        arrivals += 1
+        target = arrivals * tl.num_programs(1)
+        # One thread of the program does each atomic (Triton's scalar atomics): acq_rel releases this
+        # program's stores and, for the last to arrive, acquires everybody else's.
+        seen = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") + 1
+        polls = 0
+        while (timeouts == 0) & (seen < target) & (polls < max_polls):
+            seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+            polls += 1
+        timeouts += (seen < target).to(tl.int32)
+        tl.debug_barrier()  # the acquire comes before every thread's loads of the next phase
+    return arrivals, timeouts
+
+
+@triton.jit
+def _poison_if_timed_out(state_ptr, slot, B, rows, row_mask, width, timeouts,
+                         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    """NaN over this tile's rows of the final state (slot `slot` of a (2, B, width) buffer) after a barrier
+    gave up: what the launch computed after it cannot be trusted."""
+    if timeouts > 0:
+        state_rows = state_ptr + (slot * B + rows).to(tl.int64) * width
+        for n0 in range(0, width, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            _store(state_rows, cols, row_mask[:, None] & (cols < width)[None, :],
+                   tl.full((BLOCK_B, BLOCK_N), float("nan"), tl.float32))
+
+
 # ------------------------------------------------------------------------------------------ forward
 @triton.jit(do_not_specialize=["step_begin", "step_end"])
 def forward_kernel(
     gx_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, lengths_ptr,
     h_ptr, c_ptr, m_ptr,  # float32: h (2, B, P), c (2, B, H) for LSTM, m = o * tanh(c) (B, H) if PROJECTED
     out_ptr, ws_ptr,  # output (T, B, P); workspace (T, B, 5H) LSTM i, f, g, o, c; GRU r, z, n, hn
-    T, B, H, P, reverse, step_begin, step_end,
+    sync_ptr,  # int32 (batch tiles,) zeros if GRID_SYNC
+    T, B, H, P, reverse, step_begin, step_end, max_polls,
     CELL: tl.constexpr, GATES: tl.constexpr, HAS_BIAS: tl.constexpr, PROJECTED: tl.constexpr,
     KEEP_WORKSPACE: tl.constexpr, GATE_PHASE: tl.constexpr, PROJECTION_PHASE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    GRID_SYNC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Steps [step_begin, step_end) of the sweep. Phases of a step: the gates (columns: hidden units),
-    then for a projected LSTM h = m W_hr^T (columns: P)."""
+    then for a projected LSTM h = m W_hr^T (columns: P). Each reads the whole state the phase before wrote."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    counter = sync_ptr + tl.program_id(0)
+    arrivals = 0
+    timeouts = 0
     row_mask = rows < B
     length = tl.load(lengths_ptr + rows, mask=row_mask, other=0)
     first_col = tl.program_id(1) * BLOCK_N
@@ -244,7 +289,7 @@ def forward_kernel(
                 else:
                     _store(h_next, units, mask, tl.where(keep, h, _load(h_cur, units, mask)))
                     _store(out_rows, units, mask, tl.where(keep, h, 0.0))
-            tl.debug_barrier()
+            arrivals, timeouts = _grid_barrier(counter, arrivals, timeouts, max_polls, GRID_SYNC)
         if PROJECTION_PHASE:
             m_rows = m_ptr + rows.to(tl.int64) * H
             for n0 in range(first_col, P, col_step):
@@ -256,7 +301,8 @@ def forward_kernel(
                                            1, False, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
                 _store(h_next, cols, mask, tl.where(keep, h, _load(h_cur, cols, mask)))
                 _store(out_rows, cols, mask, tl.where(keep, h, 0.0))
-            tl.debug_barrier()
+            arrivals, timeouts = _grid_barrier(counter, arrivals, timeouts, max_polls, GRID_SYNC)
+    _poison_if_timed_out(h_ptr, step_end % 2, B, rows, row_mask, P, timeouts, BLOCK_B, BLOCK_N)
 
 
 # ----------------------------------------------------------------------------------------- backward
@@ -266,15 +312,21 @@ def backward_kernel(
     dh_ptr, dc_ptr,  # float32: dL/dh (2, B, P), dL/dc (2, B, H) for LSTM
     grad_gx_ptr, grad_gh_ptr, g_all_ptr,  # (T, B, G*H) each (grad_gh differs from grad_gx for GRU only);
                                           # (T, B, P) the gradient of each step's h if PROJECTED
-    T, B, H, P, reverse, step_begin, step_end,
+    sync_ptr,  # int32 (batch tiles,) zeros if GRID_SYNC
+    T, B, H, P, reverse, step_begin, step_end, max_polls,
     CELL: tl.constexpr, GATES: tl.constexpr, PROJECTED: tl.constexpr,
     GATE_PHASE: tl.constexpr, STATE_PHASE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    GRID_SYNC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Steps [step_begin, step_end) of the reverse sweep (step 0 undoes the forward's last step). Phases
-    of a step: the gate derivatives (columns: hidden units), then dL/dh_prev = d gates W_hh (columns: P)."""
+    of a step: the gate derivatives (columns: hidden units), then dL/dh_prev = d gates W_hh (columns: P).
+    The second reads all the gate derivatives; the first reads its own columns of dL/dh_prev, or with a
+    projection all of them."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    counter = sync_ptr + tl.program_id(0)
+    arrivals = 0
+    timeouts = 0
     row_mask = rows < B
     length = tl.load(lengths_ptr + rows, mask=row_mask, other=0)
     first_t = tl.where(reverse != 0, length - 1, 0)  # each sequence's first step, whose state is h0, c0
@@ -339,7 +391,7 @@ def backward_kernel(
                 else:
                     d = _rnn_backward(g, _load(out_ptr + seq_rows * P, units, mask), CELL == "rnn_relu")
                     _store(gx_rows, units, mask, tl.where(keep, d, 0.0))
-            tl.debug_barrier()
+            arrivals, timeouts = _grid_barrier(counter, arrivals, timeouts, max_polls, GRID_SYNC)
         if STATE_PHASE:
             for n0 in range(first_col, P, col_step):
                 cols = n0 + tl.arange(0, BLOCK_N)
@@ -355,4 +407,5 @@ def backward_kernel(
                     _store(g_all_ptr + seq_rows * P, cols, mask,
                            tl.where(keep, dh_after + _load(go_rows, cols, mask), 0.0))
                 _store(dh_next, cols, mask, tl.where(keep, dh, dh_after))
-            tl.debug_barrier()
+            arrivals, timeouts = _grid_barrier(counter, arrivals, timeouts, max_polls, GRID_SYNC and PROJECTED)
+    _poison_if_timed_out(dh_ptr, step_end % 2, B, rows, row_mask, P, timeouts, BLOCK_B, BLOCK_N)

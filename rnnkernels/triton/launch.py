@@ -9,6 +9,7 @@ tensors, and rnnkernels/triton/ops.py registers them as torch.library operators.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -24,21 +25,23 @@ from . import kernels
 INTERPRETED = bool(kernels.INTERPRETED.value)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# The path, chosen here and nowhere else. "persistent": one launch per sequence, one program per tile
-# of 16 batch rows looping over all time steps and all hidden units, W_hh streamed from L2 at every
-# step. Its step time grows with the weight while the grid stays B/16 programs, so past
-# PERSISTENT_MAX_WEIGHT elements of W_hh (an LSTM of 362 units, a GRU of 418) the "per_step" path
-# wins: per time step one launch per phase, one program per (batch tile, tile of units).
-# RNNKERNELS_TRITON_PATH=persistent|per_step forces one.
+# The path, chosen here and nowhere else. "persistent": one launch per sequence over all time steps; each
+# batch tile's hidden units split across as many programs as the multiprocessors allow, which meet at a
+# grid barrier wherever a phase reads what the others wrote, so each step's part of W_hh per program is
+# small and stays in L1. "per_step": per time step one launch per phase, no barrier, so no assumption
+# that the grid is resident at once (it is not under MPS limits on multiprocessors), at a launch's host
+# cost per step and phase. RNNKERNELS_TRITON_PATH=persistent|per_step forces one.
 PATH_ENV = "RNNKERNELS_TRITON_PATH"
 PATHS = ("persistent", "per_step")
-PERSISTENT_MAX_WEIGHT = 1 << 19
+# A few seconds of polling (a poll is a round trip to L2) before a barrier gives up (kernels.py): far
+# longer than kernels of other streams (NCCL's, under DDP) hold multiprocessors our grid waits for.
+MAX_POLLS = 1 << 23
 
 
-def choose_path(weight_elements: int) -> str:
+def choose_path() -> str:
     forced = os.environ.get(PATH_ENV, "") or "auto"
     if forced == "auto":
-        return "persistent" if weight_elements <= PERSISTENT_MAX_WEIGHT else "per_step"
+        return "persistent"
     if forced not in PATHS:
         raise ValueError(f"rnnkernels: {PATH_ENV} must be one of auto, {', '.join(PATHS)}; got {forced!r}")
     return forced
@@ -92,9 +95,8 @@ def _lengths_on(device: torch.device, lengths: Tensor | None, T: int, B: int) ->
     return lengths.to(device=device, dtype=torch.int32)
 
 
-def _meta(dtype: torch.dtype, H: int, P: int) -> dict:
+def _meta(dtype: torch.dtype, B: int, H: int, P: int) -> dict:
     """Tile sizes (kernels.py's assumption: powers of two >= 16), warps and the precision of float32 dots."""
-    widest = max(H, P)
     # float32 dots as torch.nn's recurrence computes them on cuDNN: in TF32 where cuDNN may use it.
     tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32
     return dict(
@@ -102,15 +104,53 @@ def _meta(dtype: torch.dtype, H: int, P: int) -> dict:
         # With 4 warps the LSTM's four gate tiles and their pointers spill registers on sm_90 (ptxas -v,
         # tests/triton_compile.py); 8 warps hold them.
         num_warps=8,
-        BLOCK_B=16,
-        BLOCK_N=min(64, max(16, triton.next_power_of_2(widest))),
-        BLOCK_K=16 if widest <= 16 else 32,
+        # Up to 64 sequences a tile: every batch tile reads all of W_hh at every step.
+        BLOCK_B=min(64, max(16, triton.next_power_of_2(B))),
+        # Narrow column tiles: as many programs as the multiprocessors take share each step's work.
+        BLOCK_N=16,
+        BLOCK_K=16 if max(H, P) <= 16 else 32,
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _column_programs(device: torch.device, batch_tiles: int, widest: int, block_n: int) -> int:
+    """Programs per batch tile on the persistent path: a column tile each of the widest phase, as far as
+    the multiprocessors go, so the whole grid is resident for its barriers (one program each is enough:
+    any launchable kernel fits one per multiprocessor). One in the interpreter, which cannot run two."""
+    if INTERPRETED:
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return max(1, min(triton.cdiv(widest, block_n), _multiprocessors(index) // batch_tiles))
 
 
 def _launch(kernel, grid, *args, **meta) -> None:
     # wrap_triton lets torch.compile trace the launch; eager calls inside a triton_op skip it.
     (kernel if INTERPRETED else torch.library.wrap_triton(kernel))[grid](*args, **meta)
+
+
+def _sweep(kernel, pointers: tuple, sizes: tuple, phases: list[tuple[int, dict]], meta: dict,
+           device: torch.device) -> None:
+    """All steps of a sweep on the chosen path. sizes: (T, B, H, P, reverse); phases: (columns, the
+    kernel's phase flags) of each phase of a step, in order."""
+    T, B = sizes[0], sizes[1]
+    batch_tiles = triton.cdiv(B, meta["BLOCK_B"])
+    sync = torch.zeros(batch_tiles, dtype=torch.int32, device=device)
+    if choose_path() == "persistent":
+        programs = _column_programs(device, batch_tiles, max(columns for columns, _ in phases), meta["BLOCK_N"])
+        every_phase = {name: any(flags[name] for _, flags in phases) for name in phases[0][1]}
+        # In the interpreter a barrier's one program never polls: one poll is already a miscount.
+        max_polls = 1 if INTERPRETED else MAX_POLLS
+        _launch(kernel, (batch_tiles, programs), *pointers, sync, *sizes, 0, T, max_polls, GRID_SYNC=True,
+                **every_phase, **meta)
+    else:
+        for s in range(T):
+            for columns, flags in phases:
+                _launch(kernel, (batch_tiles, triton.cdiv(columns, meta["BLOCK_N"])), *pointers, sync, *sizes,
+                        s, s + 1, 0, GRID_SYNC=False, **flags, **meta)
 
 
 def _states(first: Tensor) -> Tensor:
@@ -132,25 +172,14 @@ def forward(cell: str, gx: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tensor, 
     output = gx.new_empty((T, B, P))
     workspace = gx.new_empty((T, B, workspace_width(cell, H) if keep_workspace else 0))
     if T > 0 and B > 0:
-        meta = _meta(gx.dtype, H, P)
-        args = (gx, w_hh, w_hh if b_hh is None else b_hh.contiguous(), w_hh if w_hr is None else w_hr.contiguous(),
-                _lengths_on(gx.device, lengths, T, B), h, c, m, output, workspace if keep_workspace else output,
-                T, B, H, P, int(reverse))
-        meta.update(CELL=cell, GATES=G, HAS_BIAS=b_hh is not None, PROJECTED=projected,
+        pointers = (gx, w_hh, w_hh if b_hh is None else b_hh.contiguous(), w_hh if w_hr is None else w_hr.contiguous(),
+                    _lengths_on(gx.device, lengths, T, B), h, c, m, output, workspace if keep_workspace else output)
+        phases = [(H, dict(GATE_PHASE=True, PROJECTION_PHASE=False))]
+        if projected:
+            phases.append((P, dict(GATE_PHASE=False, PROJECTION_PHASE=True)))
+        meta = dict(_meta(gx.dtype, B, H, P), CELL=cell, GATES=G, HAS_BIAS=b_hh is not None, PROJECTED=projected,
                     KEEP_WORKSPACE=keep_workspace)
-        batch_tiles = triton.cdiv(B, meta["BLOCK_B"])
-        if choose_path(G * H * P) == "persistent":
-            _launch(kernels.forward_kernel, (batch_tiles, 1), *args, 0, T,
-                    GATE_PHASE=True, PROJECTION_PHASE=projected, **meta)
-        else:
-            gate_grid = (batch_tiles, triton.cdiv(H, meta["BLOCK_N"]))
-            projection_grid = (batch_tiles, triton.cdiv(P, meta["BLOCK_N"]))
-            for s in range(T):
-                _launch(kernels.forward_kernel, gate_grid, *args, s, s + 1,
-                        GATE_PHASE=True, PROJECTION_PHASE=False, **meta)
-                if projected:
-                    _launch(kernels.forward_kernel, projection_grid, *args, s, s + 1,
-                            GATE_PHASE=False, PROJECTION_PHASE=True, **meta)
+        _sweep(kernels.forward_kernel, pointers, (T, B, H, P, int(reverse)), phases, meta, gx.device)
     h_n = h[T % 2].to(gx.dtype, copy=True)
     c_n = c[T % 2].to(gx.dtype, copy=True) if lstm else gx.new_empty(0)
     return output, h_n, c_n, workspace
@@ -193,23 +222,12 @@ def backward(cell: str, grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor 
     grad_gh = output.new_empty((T, B, G * H)) if cell == "gru" else grad_gx
     g_all = output.new_empty((T, B, P)) if projected else grad_gx
     if T > 0 and B > 0:
-        meta = _meta(output.dtype, H, P)
-        args = (grad_output.contiguous(), h0.contiguous(), (c0 if lstm else h0).contiguous(), w_hh,
-                w_hh if w_hr is None else w_hr.contiguous(), lengths_dev, output, workspace if G > 1 else output,
-                dh, dc, grad_gx, grad_gh, g_all, T, B, H, P, int(reverse))
-        meta.update(CELL=cell, GATES=G, PROJECTED=projected)
-        batch_tiles = triton.cdiv(B, meta["BLOCK_B"])
-        if choose_path(G * H * P) == "persistent":
-            _launch(kernels.backward_kernel, (batch_tiles, 1), *args, 0, T, GATE_PHASE=True, STATE_PHASE=True,
-                    **meta)
-        else:
-            gate_grid = (batch_tiles, triton.cdiv(H, meta["BLOCK_N"]))
-            state_grid = (batch_tiles, triton.cdiv(P, meta["BLOCK_N"]))
-            for s in range(T):
-                _launch(kernels.backward_kernel, gate_grid, *args, s, s + 1, GATE_PHASE=True, STATE_PHASE=False,
-                        **meta)
-                _launch(kernels.backward_kernel, state_grid, *args, s, s + 1, GATE_PHASE=False, STATE_PHASE=True,
-                        **meta)
+        pointers = (grad_output.contiguous(), h0.contiguous(), (c0 if lstm else h0).contiguous(), w_hh,
+                    w_hh if w_hr is None else w_hr.contiguous(), lengths_dev, output, workspace if G > 1 else output,
+                    dh, dc, grad_gx, grad_gh, g_all)
+        phases = [(H, dict(GATE_PHASE=True, STATE_PHASE=False)), (P, dict(GATE_PHASE=False, STATE_PHASE=True))]
+        meta = dict(_meta(output.dtype, B, H, P), CELL=cell, GATES=G, PROJECTED=projected)
+        _sweep(kernels.backward_kernel, pointers, (T, B, H, P, int(reverse)), phases, meta, output.device)
     grad_h0 = dh[T % 2].to(output.dtype, copy=True)
     grad_c0 = dc[T % 2].to(output.dtype, copy=True) if lstm else output.new_empty(0)
     # The weight gradients: sums over all time steps and sequences, one GEMM each.
