@@ -61,6 +61,7 @@ def _fwd_us_per_step(case: dict, result: dict) -> float | None:
 # figure -> (case, the backend's result) -> value
 FIGURES: dict[str, Callable[[dict, dict], float | None]] = {
     "train x": lambda case, r: r.get("train_speedup"),
+    "fwd x": lambda case, r: r.get("fwd_speedup"),
     "graphed train x": lambda case, r: r.get("train_graphed_speedup"),
     "fwd us/step": _fwd_us_per_step,
     "train peak / torch.nn": _peak_ratio,
@@ -81,6 +82,7 @@ BARS = (
     Bar(4, "cuda", "first call ms", (*SEQUENCE, *GENERATE), 1000.0, False),
     Bar(5, "triton", "train x", CHAR_AND_LONG, 2.0, True),
     Bar(5, "triton", "train x", ("fastrnns", "ptb-medium", "ptb-large", "deepbench-1024"), 1.0, True),
+    Bar(5, "triton", "fwd x", GENERATE, 1.0, True),  # "never slower than cuDNN": generation too
 )
 
 

@@ -79,6 +79,22 @@ def assert_results(ours: dict, baseline: dict, reference: dict, dtype: torch.dty
 
 
 # ---------------------------------------------------------------------------------------- building
+def operator_results(forward_op, args: list, outputs: int, device, dtype: torch.dtype, cotangents: list) -> list:
+    """For a sequence forward operator: its first `outputs` results with every floating-point argument
+    moved to device and dtype, then the gradients of those arguments under the loss sum(result *
+    cotangent), all on the CPU, for assert_rule. The float64 cotangents are drawn on the first call into
+    the list given, so the runs compared share them."""
+    inputs = [a.detach().to(device=device, dtype=dtype).requires_grad_() if isinstance(a, torch.Tensor) and
+              a.is_floating_point() else a for a in args]
+    results = forward_op(*inputs)[:outputs]
+    if not cotangents:
+        g = torch.Generator().manual_seed(2)
+        cotangents.extend(torch.randn(r.shape, dtype=torch.float64, generator=g) for r in results)
+    loss = sum((r.double() * c.to(r.device)).sum() for r, c in zip(results, cotangents, strict=True))
+    leaves = [a for a in inputs if isinstance(a, torch.Tensor) and a.requires_grad]
+    return [t.detach().cpu() for t in (*results, *torch.autograd.grad(loss, leaves))]
+
+
 def torch_module(kind: str, dtype=torch.float32, device="cpu", seed: int = 0, **kwargs) -> nn.Module:
     """A torch.nn module of `kind` (a key of RNN_KINDS or CELL_KINDS) with seeded default initialisation."""
     cls, extra = {**RNN_KINDS, **CELL_KINDS}[kind]

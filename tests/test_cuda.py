@@ -31,8 +31,8 @@ import torch
 from torch import nn
 from torch.utils import cpp_extension
 
-from helpers import (CELL_KINDS, RNN_KINDS, assert_rule, cell_inputs, check_twin, leaf, rnn_inputs, torch_module,
-                     twin)
+from helpers import (CELL_KINDS, RNN_KINDS, assert_rule, cell_inputs, check_twin, leaf, operator_results, rnn_inputs,
+                     torch_module, twin)
 from rnnkernels import functional, ops, reference
 from test_modules import ALL_CASES, BF16_CASES, RNN_CASES, LSTM_CASES, build_case
 from test_ops import OP_CELLS, OP_IDS, op_args
@@ -418,23 +418,13 @@ def test_operators_low_precision(cell, projected, path, hidden, dtype, monkeypat
     if cell == "rnn_relu":
         args[0] += torch.sign(args[0]) * 2
         args[3] *= 0.2
-    g = torch.Generator().manual_seed(2)
-    cotangents = []
-
-    def results(device, dtype):
-        inputs = [a.to(device=device, dtype=dtype).requires_grad_() if isinstance(a, torch.Tensor) and
-                  a.is_floating_point() else a for a in args]
-        outputs = ops.forward_op(cell)(*inputs)[:3 if cell == "lstm" else 2]
-        if not cotangents:
-            cotangents.extend(torch.randn(o.shape, dtype=torch.float64, generator=g) for o in outputs)
-        loss = sum((o.double() * c.to(o.device)).sum() for o, c in zip(outputs, cotangents))
-        leaves = [a for a in inputs if isinstance(a, torch.Tensor) and a.requires_grad]
-        return [t.detach().cpu() for t in (*outputs, *torch.autograd.grad(loss, leaves))]
-
+    op, outputs, cotangents = ops.forward_op(cell), 3 if cell == "lstm" else 2, []
     with target.cpu_kernels():
-        exact, baseline = results("cpu", torch.float64), results("cpu", dtype)
-    for i, (ours, theirs, reference) in enumerate(zip(results(target.device, dtype), baseline, exact, strict=True)):
-        assert_rule(f"result {i}", ours, theirs, reference, dtype)
+        exact = operator_results(op, args, outputs, "cpu", torch.float64, cotangents)
+        baseline = operator_results(op, args, outputs, "cpu", dtype, cotangents)
+    ours = operator_results(op, args, outputs, target.device, dtype, cotangents)
+    for i, (a, b, reference) in enumerate(zip(ours, baseline, exact, strict=True)):
+        assert_rule(f"result {i}", a, b, reference, dtype)
 
 
 @pytest.mark.parametrize("cell,projected", OP_CELLS, ids=OP_IDS)

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import rnnkernels
-from helpers import CELL_KINDS, RNN_KINDS, assert_rule, cell_inputs, check_twin, rnn_inputs, torch_module, twin
+from helpers import (CELL_KINDS, RNN_KINDS, assert_rule, cell_inputs, check_twin, operator_results, rnn_inputs,
+                     torch_module, twin)
 from rnnkernels import backends, ops, reference
 from test_modules import BF16_CASES, LSTM_CASES, RNN_CASES
 
@@ -178,22 +179,12 @@ def test_operators_low_precision(cell, projected, dtype, path):
     if ops.LOAD_ERROR is not None:
         pytest.skip(f"compiled extension not loaded: {ops.LOAD_ERROR}")
     args = op_args(cell, projected, T=5, B=4, H=6, lengths=[5, 2, 0, 4], reverse=True, dtype=dtype)
-    cotangents = None
-    results = {}
-    runs = (("float64", torch.float64, ""), ("compiled", dtype, ""), ("triton", dtype, "triton_"))
-    for name, run_dtype, prefix in runs:
-        device = DEVICE if prefix else "cpu"
-        inputs = [a.detach().to(device=device, dtype=run_dtype).requires_grad_(True)
-                  if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-        out = ops.forward_op(cell, prefix)(*inputs)[:3 if cell == "lstm" else 2]
-        if cotangents is None:
-            g = torch.Generator().manual_seed(2)
-            cotangents = [torch.randn(o.shape, dtype=torch.float64, generator=g).to(dtype) for o in out]
-        loss = sum((o.double() * c.to(o.device).double()).sum() for o, c in zip(out, cotangents))
-        leaves = [a for a in inputs if isinstance(a, torch.Tensor) and a.requires_grad]
-        results[name] = list(out) + list(torch.autograd.grad(loss, leaves))
-    for i, (ours, theirs, exact) in enumerate(zip(results["triton"], results["compiled"], results["float64"])):
-        assert_rule(f"result {i}", ours.cpu(), theirs, exact, dtype)
+    outputs, cotangents = 3 if cell == "lstm" else 2, []
+    exact = operator_results(ops.forward_op(cell), args, outputs, "cpu", torch.float64, cotangents)
+    baseline = operator_results(ops.forward_op(cell), args, outputs, "cpu", dtype, cotangents)
+    ours = operator_results(ops.forward_op(cell, "triton_"), args, outputs, DEVICE, dtype, cotangents)
+    for i, (a, b, reference) in enumerate(zip(ours, baseline, exact, strict=True)):
+        assert_rule(f"result {i}", a, b, reference, dtype)
 
 
 def two_column_programs(monkeypatch):
