@@ -198,7 +198,7 @@ def two_column_programs(monkeypatch):
 @pytest.mark.parametrize("kind", list(RNN_KINDS))
 def test_programs_that_own_several_column_tiles(kind, monkeypatch):
     """Fewer programs per batch tile than column tiles, as when the batch tiles fill the device: each
-    program loops over three tiles of every phase between the barriers."""
+    program loops over several tiles of a phase between the barriers (three of the six of H = 96)."""
     two_column_programs(monkeypatch)
     module_kw = {"proj_size": 40} if kind == "LSTM" else {}
     m = torch_module(kind, dtype=torch.float32, device=DEVICE, input_size=8, hidden_size=96, **module_kw)
@@ -210,16 +210,22 @@ def test_programs_that_own_several_column_tiles(kind, monkeypatch):
 @pytest.mark.parametrize("cell,projected", OP_CELLS, ids=["lstm", "lstm_w_hr", "gru", "rnn_tanh", "rnn_relu"])
 def test_a_barrier_that_cannot_be_met_gives_up_with_nan(cell, projected, monkeypatch):
     """Programs that are not resident together (here: the interpreter, one after another) never meet: the
-    barrier gives up instead of hanging, and the final state says the result is wrong."""
-    two_column_programs(monkeypatch)
+    first one's barrier gives up instead of hanging, its results from then on are NaN, and the NaN spreads
+    through the recurrence to the last step's output and the final state, forward and backward alike."""
     args = op_args(cell, projected, H=40, P=20)
-    output, h_n, _, workspace = getattr(torch.ops.rnnkernels, f"triton_{cell}_forward")(*args)
-    assert h_n.isnan().any()
     gx, h0, c0, w_hh, _, w_hr, lengths, reverse = args
-    grads = (torch.ones_like(output), torch.ones_like(h_n), torch.ones_like(c0) if cell == "lstm" else None)
-    grad_h0 = getattr(torch.ops.rnnkernels, f"triton_{cell}_backward")(*grads, h0, c0, w_hh, w_hr, lengths, reverse,
-                                                                      output.nan_to_num(), workspace.nan_to_num())[1]
-    assert grad_h0.isnan().any()
+    forward = getattr(torch.ops.rnnkernels, f"triton_{cell}_forward")
+    backward = getattr(torch.ops.rnnkernels, f"triton_{cell}_backward")
+    output, h_n, c_n, workspace = forward(*args)
+    grads = (torch.ones_like(output), torch.ones_like(h_n), torch.ones_like(c_n) if cell == "lstm" else None)
+    grad_gx, grad_h0 = backward(*grads, h0, c0, w_hh, w_hr, lengths, reverse, output, workspace)[:2]
+    assert not any(t.isnan().any() for t in (output, h_n, grad_gx, grad_h0))  # one program a tile: no NaN
+    two_column_programs(monkeypatch)
+    stuck_output, stuck_h_n = forward(*args)[:2]
+    assert stuck_output[-1].isnan().all() and stuck_h_n.isnan().all()
+    stuck_grad_gx, stuck_grad_h0 = backward(*grads, h0, c0, w_hh, w_hr, lengths, reverse, output, workspace)[:2]
+    # (relu's gradient is 0 wherever h <= 0, NaN or not)
+    assert stuck_grad_gx[0].isnan().any() and stuck_grad_h0.isnan().all()
 
 
 @pytest.mark.parametrize("T,B", [(0, 3), (3, 0)], ids=["no_steps", "no_sequences"])

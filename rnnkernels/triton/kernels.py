@@ -13,16 +13,18 @@
 # - a program owns the batch rows of its tile (axis 0) and the columns n0, n0 + num_programs(1) *
 #   BLOCK_N, ... of each phase (axis 1). The persistent path (GRID_SYNC) launches all time steps at once
 #   and separates the phases whose data crosses programs by a barrier among the programs of a batch tile
-#   (_grid_barrier on that tile's counter in sync_ptr, zero at launch): launch.py keeps the grid no larger
-#   than the multiprocessor count, so all of them are resident and the barrier cannot deadlock. Its
+#   (_grid_barrier on that tile's counter in sync_ptr, zero at launch). Where a tile has more than one
+#   program, launch.py keeps the grid no larger than the multiprocessor count, so that on an otherwise
+#   idle GPU all programs are resident and meet (kernels of other streams can delay them). Its
 #   release and acquire, each with a CTA barrier on its side, are what make one program's stores visible
 #   to another's plain loads (L1 included) in the PTX memory model. The per-step path launches each phase
 #   of each step on its own, and stream order does the rest.
 # - Triton's interpreter runs programs one after another, so no barrier could wait there for another: it
 #   runs the persistent path with one program per batch tile (the barrier's counting is checked, its wait
 #   is not) and the per-step path with the columns split as on the GPU.
-# - a barrier that waits max_polls polls gives up, later barriers of the launch do not wait, and the final
-#   state (h_n, grad_h0) is set to NaN, so a broken residency shows as a wrong result, not as a hang.
+# - a barrier that waits max_polls polls gives up, later barriers of the launch do not wait, and the
+#   program's results from then on are NaN (_poison), so a broken residency shows as NaN, not as a hang
+#   or as numbers that look right.
 # - accumulation in float32; the operands of every tl.dot are first rounded to the weights' dtype, as
 #   torch.nn rounds its states.
 # - Triton's interpreter gets bfloat16 wrong (its tl.dot multiplies the bit patterns as integers, its
@@ -198,16 +200,11 @@ def _grid_barrier(counter_ptr, arrivals, timeouts, max_polls, GRID_SYNC: tl.cons
 
 
 @triton.jit
-def _poison_if_timed_out(state_ptr, slot, B, rows, row_mask, width, timeouts,
-                         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
-    """NaN over this tile's rows of the final state (slot `slot` of a (2, B, width) buffer) after a barrier
-    gave up: what the launch computed after it cannot be trusted."""
-    if timeouts > 0:
-        state_rows = state_ptr + (slot * B + rows).to(tl.int64) * width
-        for n0 in range(0, width, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            _store(state_rows, cols, row_mask[:, None] & (cols < width)[None, :],
-                   tl.full((BLOCK_B, BLOCK_N), float("nan"), tl.float32))
+def _poison(timeouts):
+    """NaN once a barrier of this launch gave up, else 0: added to what the program computes after it (which
+    read states that may not have been written yet), it spreads through the recurrence to every later step,
+    output and final state."""
+    return tl.where(timeouts > 0, float("nan"), 0.0)
 
 
 # ------------------------------------------------------------------------------------------ forward
@@ -261,6 +258,8 @@ def forward_kernel(
                         r2 += tl.load(b_hh_ptr + 2 * H + units, mask=unit_mask, other=0.0).to(tl.float32)[None, :]
                     if GATES > 3:
                         r3 += tl.load(b_hh_ptr + 3 * H + units, mask=unit_mask, other=0.0).to(tl.float32)[None, :]
+                if GRID_SYNC:
+                    r0 += _poison(timeouts)
                 if CELL == "lstm":
                     c_prev = _load(c_cur, units, mask)
                     i, f, g, o, c, h = _lstm_forward(
@@ -299,10 +298,11 @@ def forward_kernel(
                 keep = active[:, None] & col_mask[None, :]
                 h, _, _, _ = _matmul_tiles(m_rows, m_rows, row_mask, H, w_hr_ptr, cols, col_mask, H, 1, 0,
                                            1, False, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+                if GRID_SYNC:
+                    h += _poison(timeouts)
                 _store(h_next, cols, mask, tl.where(keep, h, _load(h_cur, cols, mask)))
                 _store(out_rows, cols, mask, tl.where(keep, h, 0.0))
             arrivals, timeouts = _grid_barrier(counter, arrivals, timeouts, max_polls, GRID_SYNC)
-    _poison_if_timed_out(h_ptr, step_end % 2, B, rows, row_mask, P, timeouts, BLOCK_B, BLOCK_N)
 
 
 # ----------------------------------------------------------------------------------------- backward
@@ -363,6 +363,8 @@ def backward_kernel(
                                                1, True, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
                 else:
                     g = _load(dh_cur, units, mask) + _load(go_rows, units, mask)
+                if GRID_SYNC:
+                    g += _poison(timeouts)
                 if CELL == "lstm":
                     c_prev = tl.where(first[:, None], _load(c0_ptr + rows.to(tl.int64) * H, units, from_state),
                                       _load(ws_ptr + prev_rows * W, 4 * H + units, from_sweep))
@@ -400,6 +402,8 @@ def backward_kernel(
                 keep = active[:, None] & col_mask[None, :]
                 dh, _, _, _ = _matmul_tiles(gh_rows, gh_rows, row_mask, GH, w_hh_ptr, cols, col_mask, 1, P, 0,
                                             1, False, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+                if GRID_SYNC:
+                    dh += _poison(timeouts)
                 dh_after = _load(dh_cur, cols, mask)
                 if CELL == "gru":  # the share of dL/dh_prev through h = (1 - z) n + z h_prev
                     dh += (dh_after + _load(go_rows, cols, mask)) * _load(ws_ptr + seq_rows * W, H + cols, mask)
@@ -408,4 +412,3 @@ def backward_kernel(
                            tl.where(keep, dh_after + _load(go_rows, cols, mask), 0.0))
                 _store(dh_next, cols, mask, tl.where(keep, dh, dh_after))
             arrivals, timeouts = _grid_barrier(counter, arrivals, timeouts, max_polls, GRID_SYNC and PROJECTED)
-    _poison_if_timed_out(dh_ptr, step_end % 2, B, rows, row_mask, P, timeouts, BLOCK_B, BLOCK_N)

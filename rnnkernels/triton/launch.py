@@ -27,15 +27,15 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # The path, chosen here and nowhere else. "persistent": one launch per sequence over all time steps; each
 # batch tile's hidden units split across as many programs as the multiprocessors allow, which meet at a
-# grid barrier wherever a phase reads what the others wrote, so each step's part of W_hh per program is
-# small and stays in L1. "per_step": per time step one launch per phase, no barrier, so no assumption
+# grid barrier wherever a phase reads what the others wrote, so each program reads a small slice of W_hh
+# per step (32 KB in bfloat16 at H 256). "per_step": per time step one launch per phase, no barrier, so no assumption
 # that the grid is resident at once (it is not under MPS limits on multiprocessors), at a launch's host
 # cost per step and phase. RNNKERNELS_TRITON_PATH=persistent|per_step forces one.
 PATH_ENV = "RNNKERNELS_TRITON_PATH"
 PATHS = ("persistent", "per_step")
-# A few seconds of polling (a poll is a round trip to L2) before a barrier gives up (kernels.py): far
-# longer than kernels of other streams (NCCL's, under DDP) hold multiprocessors our grid waits for.
-MAX_POLLS = 1 << 23
+# Ten seconds or more of polling (a poll is a round trip to L2) before a barrier gives up (kernels.py):
+# far longer than kernels of other streams (NCCL's, under DDP) hold multiprocessors our grid waits for.
+MAX_POLLS = 1 << 25
 
 
 def choose_path() -> str:
@@ -141,6 +141,8 @@ def _sweep(kernel, pointers: tuple, sizes: tuple, phases: list[tuple[int, dict]]
     sync = torch.zeros(batch_tiles, dtype=torch.int32, device=device)
     if choose_path() == "persistent":
         programs = _column_programs(device, batch_tiles, max(columns for columns, _ in phases), meta["BLOCK_N"])
+        _require(T * len(phases) * programs < 2**31, f"{T} steps overflow the persistent path's barrier counter; "
+                 f"{PATH_ENV}=per_step runs them")
         every_phase = {name: any(flags[name] for _, flags in phases) for name in phases[0][1]}
         # In the interpreter a barrier's one program never polls: one poll is already a miscount.
         max_polls = 1 if INTERPRETED else MAX_POLLS
