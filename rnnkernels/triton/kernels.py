@@ -20,8 +20,9 @@
 #   to another's plain loads (L1 included) in the PTX memory model. The per-step path launches each phase
 #   of each step on its own, and stream order does the rest.
 # - Triton's interpreter runs programs one after another, so no barrier could wait there for another: it
-#   runs the persistent path with one program per batch tile (the barrier's counting is checked, its wait
-#   is not) and the per-step path with the columns split as on the GPU.
+#   runs the persistent path with one program per batch tile, and the per-step path with the columns
+#   split as on the GPU. (The tests also run it with each program in a thread of its own,
+#   tests/triton_threads.py, so that several programs meet at the barriers.)
 # - a barrier that waits max_polls polls gives up, later barriers of the launch do not wait, and the
 #   program's results from then on are NaN (_poison), so a broken residency shows as NaN, not as a hang
 #   or as numbers that look right.

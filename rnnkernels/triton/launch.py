@@ -35,7 +35,9 @@ PATH_ENV = "RNNKERNELS_TRITON_PATH"
 PATHS = ("persistent", "per_step")
 # Ten seconds or more of polling (a poll is a round trip to L2) before a barrier gives up (kernels.py):
 # far longer than kernels of other streams (NCCL's, under DDP) hold multiprocessors our grid waits for.
-MAX_POLLS = 1 << 25
+# In the interpreter, which runs programs one after another, a barrier's one program never polls, so one
+# poll already means a miscount.
+MAX_POLLS = 1 if INTERPRETED else 1 << 25
 
 
 def choose_path() -> str:
@@ -144,9 +146,7 @@ def _sweep(kernel, pointers: tuple, sizes: tuple, phases: list[tuple[int, dict]]
         _require(T * len(phases) * programs < 2**31, f"{T} steps overflow the persistent path's barrier counter; "
                  f"{PATH_ENV}=per_step runs them")
         every_phase = {name: any(flags[name] for _, flags in phases) for name in phases[0][1]}
-        # In the interpreter a barrier's one program never polls: one poll is already a miscount.
-        max_polls = 1 if INTERPRETED else MAX_POLLS
-        _launch(kernel, (batch_tiles, programs), *pointers, sync, *sizes, 0, T, max_polls, GRID_SYNC=True,
+        _launch(kernel, (batch_tiles, programs), *pointers, sync, *sizes, 0, T, MAX_POLLS, GRID_SYNC=True,
                 **every_phase, **meta)
     else:
         for s in range(T):
