@@ -28,9 +28,10 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The path, chosen here and nowhere else. "persistent": one launch per sequence over all time steps; each
 # batch tile's hidden units split across as many programs as the multiprocessors allow, which meet at a
 # grid barrier wherever a phase reads what the others wrote, so each program reads a small slice of W_hh
-# per step (32 KB in bfloat16 at H 256). "per_step": per time step one launch per phase, no barrier, so no assumption
-# that the grid is resident at once (it is not under MPS limits on multiprocessors), at a launch's host
-# cost per step and phase. RNNKERNELS_TRITON_PATH=persistent|per_step forces one.
+# per step (32 KB in bfloat16 at H 256). "per_step": per time step one launch per phase and no barrier,
+# so no assumption that the grid is resident at once (it may not be where other work holds
+# multiprocessors, as under MPS limits), at a launch's host cost per step and phase.
+# RNNKERNELS_TRITON_PATH=persistent|per_step forces one.
 PATH_ENV = "RNNKERNELS_TRITON_PATH"
 PATHS = ("persistent", "per_step")
 # Ten seconds or more of polling (a poll is a round trip to L2) before a barrier gives up (kernels.py):
@@ -121,8 +122,9 @@ def _multiprocessors(device_index: int) -> int:
 
 def _column_programs(device: torch.device, batch_tiles: int, widest: int, block_n: int) -> int:
     """Programs per batch tile on the persistent path: a column tile each of the widest phase, as far as
-    the multiprocessors go, so the whole grid is resident for its barriers (one program each is enough:
-    any launchable kernel fits one per multiprocessor). One in the interpreter, which cannot run two."""
+    the multiprocessors go, so that on an otherwise idle GPU the whole grid is resident for its barriers
+    (any launchable kernel fits one program per multiprocessor). One in the interpreter, which runs
+    programs one after another."""
     if INTERPRETED:
         return 1
     index = device.index if device.index is not None else torch.cuda.current_device()
