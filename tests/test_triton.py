@@ -188,7 +188,8 @@ def test_operators_low_precision(cell, projected, dtype, path):
         assert_rule(f"result {i}", a, b, reference, dtype)
 
 
-def two_column_programs(monkeypatch, programs=2):
+def force_column_programs(monkeypatch, programs: int):
+    """The persistent path with this many programs per batch tile, whatever the device holds."""
     from rnnkernels.triton import launch
 
     monkeypatch.delenv(launch.PATH_ENV, raising=False)
@@ -200,7 +201,7 @@ def two_column_programs(monkeypatch, programs=2):
 def test_programs_that_own_several_column_tiles(kind, monkeypatch):
     """Fewer programs per batch tile than column tiles, as when the batch tiles fill the device: each
     program loops over several tiles of a phase between the barriers (three of the six of H = 96)."""
-    two_column_programs(monkeypatch)
+    force_column_programs(monkeypatch, 2)
     module_kw = {"proj_size": 40} if kind == "LSTM" else {}
     m = torch_module(kind, dtype=torch.float32, device=DEVICE, input_size=8, hidden_size=96, **module_kw)
     x, hx = rnn_inputs(m, T=6, B=20, hx=True, packed="unsorted")
@@ -221,7 +222,7 @@ def test_a_barrier_that_cannot_be_met_gives_up_with_nan(cell, projected, monkeyp
     grads = (torch.ones_like(output), torch.ones_like(h_n), torch.ones_like(c_n) if cell == "lstm" else None)
     grad_gx, grad_h0 = backward(*grads, h0, c0, w_hh, w_hr, lengths, reverse, output, workspace)[:2]
     assert not any(t.isnan().any() for t in (output, h_n, grad_gx, grad_h0))  # one program a tile: no NaN
-    two_column_programs(monkeypatch)
+    force_column_programs(monkeypatch, 2)
     stuck_output, stuck_h_n = forward(*args)[:2]
     assert stuck_output[-1].isnan().all() and stuck_h_n.isnan().all()
     stuck_grad_gx, stuck_grad_h0 = backward(*grads, h0, c0, w_hh, w_hr, lengths, reverse, output, workspace)[:2]
@@ -254,7 +255,7 @@ def test_programs_that_meet_at_barriers(cell, projected, monkeypatch):
                 *backward(*grads, h0, c0, w_hh, w_hr, lengths, reverse, output, workspace))
 
     one_program = results()
-    two_column_programs(monkeypatch, programs=3)
+    force_column_programs(monkeypatch, 3)
     monkeypatch.setattr(launch, "MAX_POLLS", 1 << 20)
     with triton_threads.concurrent_programs() as launches:
         three_programs = results()
