@@ -78,7 +78,7 @@ def compile_all(arch: int) -> None:
                 constants = dict(meta, CELL=cell, GATES=launch.GATES[cell], PROJECTED=projected, **flags)
                 compiled = triton.compile(ASTSource(fn, signature(fn, dtype, constants), constants),
                                           target=target, options=options)
-                on = ",".join(k for k, v in flags.items() if v is True and k != "HAS_BIAS" and k != "KEEP_WORKSPACE")
+                on = ",".join(k for k, v in flags.items() if v and (k.endswith("PHASE") or k == "GRID_SYNC"))
                 print(f"sm_{arch} {fn.__name__} {cell}{' w_hr' if projected else ''} {dtype} {on}: "
                       f"{ptxas_report(compiled.asm['ptx'], arch)}")
 
