@@ -31,14 +31,16 @@ class Backend:
     recurrence: Callable  # contract: reference.recurrence
     linear: Callable  # contract: torch.nn.functional.linear
     unsupported: Callable[[torch.device, torch.dtype], str | None]
-    fused_step: Callable | None = None  # contract: Backend.step
+    fused_step: Callable | None = None  # contract: Backend.step, or None where it declines the case
 
     def step(self, cell, x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr):
         """One time step of one layer, input projection included: x (B, I), h (B, P), c (B, H) for the
-        LSTM else None. Returns (h', c'), c' None but for the LSTM. Without a fused step, the projection
-        and the recurrence at T = 1, which is also the fused step's specification."""
+        LSTM else None. Returns (h', c'), c' None but for the LSTM. Without a fused step (or where it
+        declines), the projection and the recurrence at T = 1, which is also the fused step's specification."""
         if self.fused_step is not None:
-            return self.fused_step(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
+            fused = self.fused_step(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
+            if fused is not None:
+                return fused
         gx = self.linear(x, w_ih, b_ih).unsqueeze(0)
         _, h, c = self.recurrence(cell, gx, h, c, w_hh, b_hh, w_hr, None, False)
         return h, c
@@ -97,12 +99,16 @@ def _triton_recurrence(*args):
     return _triton_backend()[0].recurrence(*args)
 
 
+def _triton_step(*args):
+    return _triton_backend()[0].step(*args)
+
+
 _BY_NAME = {
     backend.name: backend
     for backend in (
         Backend("cpu", ops.recurrence, ops.linear, _cpu_unsupported, ops.step),
         Backend("cuda", ops.recurrence, ops.linear, _cuda_unsupported, ops.step),
-        Backend("triton", _triton_recurrence, torch.nn.functional.linear, _triton_unsupported),
+        Backend("triton", _triton_recurrence, torch.nn.functional.linear, _triton_unsupported, _triton_step),
         Backend("reference", reference.recurrence, torch.nn.functional.linear, lambda device, dtype: None),
     )
 }
@@ -111,7 +117,12 @@ BACKENDS = tuple(_BY_NAME)
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 FALLBACK_ORDER = ("reference",)
 
-_local = threading.local()
+
+class _Override(threading.local):
+    name: str | None = None  # use_backend's choice in this thread, None outside it
+
+
+_override = _Override()
 
 
 def check_name(name: str) -> str:
@@ -129,42 +140,44 @@ def unsupported(name: str, device: torch.device, dtype: torch.dtype) -> str | No
 def use_backend(name: str):
     """Runs every rnnkernels layer in this thread on backend `name` (or "auto") inside the block."""
     check_name(name)
-    previous = getattr(_local, "override", None)
-    _local.override = name
+    previous = _override.name
+    _override.name = name
     try:
         yield
     finally:
-        _local.override = previous
+        _override.name = previous
 
 
 def select(requested: str, device: torch.device, dtype: torch.dtype) -> Backend:
     """The backend that runs a layer whose module asked for `requested`, on (device, dtype)."""
-    override = getattr(_local, "override", None)
+    override = _override.name
     if override is not None and override != "auto":
         choice = override
     elif requested != "auto":
         choice = requested
     else:
-        choice = check_name(os.environ.get("RNNKERNELS_BACKEND", "auto") or "auto")
-    if choice == "auto":
-        return _BY_NAME[_first_supported(device.type, dtype, ops.LOAD_ERROR)]
-    reason = unsupported(choice, device, dtype)
+        choice = os.environ.get("RNNKERNELS_BACKEND") or "auto"
+    # A cell module asks once per generated token, so the answer is cached: what each backend supports is
+    # fixed once the extension is loaded (its load error is in the key, so that a changed state is seen).
+    # A plain dict, which torch.compile traces without the warning an lru_cache draws.
+    key = (choice, device.type, dtype, ops.LOAD_ERROR)
+    selected = _SELECTED.get(key)
+    if selected is None:
+        selected = _SELECTED[key] = _selection(choice, key[1], dtype)
+    name, reason = selected
     if reason is not None:
         raise RuntimeError(f"rnnkernels: backend {choice!r} cannot run this input: {reason}")
-    return _BY_NAME[choice]
+    return _BY_NAME[name]
 
 
-_FIRST_SUPPORTED: dict = {}
+_SELECTED: dict = {}
 
 
-def _first_supported(device_type: str, dtype: torch.dtype, load_error: str | None) -> str:
-    """The first backend of the device type's auto order that supports dtype. What backends support is
-    fixed once the extension is loaded, so the answer is cached (load_error is part of the key so that a
-    changed state of the extension is seen): a cell module asks once per generated token. A plain dict,
-    which torch.compile traces without the warning an lru_cache draws."""
-    key = (device_type, dtype, load_error)
-    if key not in _FIRST_SUPPORTED:
+def _selection(choice: str, device_type: str, dtype: torch.dtype) -> tuple[str, str | None]:
+    """(the backend `choice` names, None); "auto" names the first of the device type's order that supports
+    dtype. Or (choice, why it cannot run (device_type, dtype)) where the named one cannot."""
+    device = torch.device(device_type)
+    if check_name(choice) == "auto":
         order = AUTO_ORDER.get(device_type, FALLBACK_ORDER)
-        device = torch.device(device_type)
-        _FIRST_SUPPORTED[key] = next(name for name in order if unsupported(name, device, dtype) is None)
-    return _FIRST_SUPPORTED[key]
+        return next(name for name in order if unsupported(name, device, dtype) is None), None
+    return choice, unsupported(choice, device, dtype)

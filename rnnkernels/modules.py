@@ -159,36 +159,40 @@ class _CellBase(_Twin):
         return f"rnn_{self.nonlinearity}"
 
     def forward(self, input: Tensor, hx=None):
-        # Generation calls this once per token: parameters come from _parameters where they are (nn.Module's
-        # __getattr__ costs a few hundred nanoseconds a lookup), and the checks touch each tensor once.
+        # Generation calls this once per token, so the common case costs as little Python as it can: the
+        # parameters come from _parameters (nn.Module's __getattr__ costs a few hundred nanoseconds a
+        # lookup), and one comparison per tensor passes a well-formed call; only a failing one goes on to
+        # torch.nn's checks, for their messages.
         is_lstm = self._cell == "lstm"
-        states = list(hx) if is_lstm and hx is not None else ([] if hx is None else [hx])
+        states = () if hx is None else tuple(hx) if is_lstm else (hx,)
         is_batched = self._check_dims(input, states)
         if not is_batched:
             input = input.unsqueeze(0)
-            states = [state.unsqueeze(0) for state in states]
+            states = tuple(state.unsqueeze(0) for state in states)
         if not states:
             zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
-            states = [zeros, zeros] if is_lstm else [zeros]
-        w_ih = self._parameter("weight_ih")
-        self._check(input, states, w_ih.dtype)
-        backend = backends.select(self.backend, input.device, input.dtype)
-        h, c = backend.step(
-            self._cell_name(), input, states[0], states[1] if is_lstm else None, w_ih, self._parameter("weight_hh"),
-            self._parameter("bias_ih"), self._parameter("bias_hh"), None,
-        )
+            states = (zeros, zeros) if is_lstm else (zeros,)
+        try:
+            parameters = self._parameters
+            w_ih, w_hh, b_ih, b_hh = (parameters["weight_ih"], parameters["weight_hh"], parameters["bias_ih"],
+                                      parameters["bias_hh"])
+        except KeyError:  # moved out by torch.nn.utils.parametrize, prune or weight_norm: computed on access
+            w_ih, w_hh, b_ih, b_hh = self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+        dtype, state_shape = w_ih.dtype, (input.shape[0], self.hidden_size)
+        well_formed = input.dtype == dtype and input.shape[1] == self.input_size
+        for state in states:
+            well_formed = well_formed and state.shape == state_shape and state.dtype == dtype
+        if not well_formed:
+            self._check(input, states, dtype)
+        backend = backends.select(self.backend, input.device, dtype)
+        h, c = backend.step(self._cell_name(), input, states[0], states[1] if is_lstm else None, w_ih, w_hh, b_ih,
+                            b_hh, None)
         if not is_batched:
             h = h.squeeze(0)
             c = c.squeeze(0) if is_lstm else None
         return (h, c) if is_lstm else h
 
-    def _parameter(self, name: str):
-        try:
-            return self._parameters[name]
-        except KeyError:  # moved out by torch.nn.utils.parametrize, prune or weight_norm: computed on access
-            return getattr(self, name)
-
-    def _check_dims(self, input: Tensor, states: list[Tensor]) -> bool:
+    def _check_dims(self, input: Tensor, states: tuple[Tensor, ...]) -> bool:
         """torch.nn's checks of the input's and states' dimensions; True for batched input."""
         dims = input.dim()
         if dims != 2 and dims != 1:
@@ -199,7 +203,7 @@ class _CellBase(_Twin):
                 raise ValueError(f"{type(self).__name__}: Expected {label} to be 1D or 2D, got {state.dim()}D instead")
         return dims == 2
 
-    def _check(self, input: Tensor, states: list[Tensor], weight_dtype: torch.dtype) -> None:
+    def _check(self, input: Tensor, states: tuple[Tensor, ...], weight_dtype: torch.dtype) -> None:
         # The checks and messages of torch.nn's cell kernels.
         if input.dtype != weight_dtype:
             raise RuntimeError(

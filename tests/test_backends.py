@@ -111,7 +111,7 @@ def test_use_backend_restores_on_exception():
     with pytest.raises(KeyError):
         with rnnkernels.use_backend("reference"):
             raise KeyError
-    assert getattr(backends._local, "override", None) is None
+    assert backends._override.name is None
 
 
 @pytest.mark.skipif(not HAS_EXTENSION, reason="compiled extension not loaded")
