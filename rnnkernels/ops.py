@@ -189,7 +189,7 @@ def recurrence(
     """One layer and direction through the compiled operator (or that of `prefix`, as forward_op); same
     contract as reference.recurrence."""
     inputs = (gx, h0, c0, w_hh, b_hh, w_hr)
-    output, h_n, c_n, _ = forward_op(cell, prefix)(*inputs, lengths, reverse, _needs_workspace(inputs))
+    output, h_n, c_n, _ = forward_op(cell, prefix)(*inputs, lengths, reverse, needs_workspace(inputs))
     return output, h_n, (c_n if cell == "lstm" else None)
 
 
@@ -206,10 +206,10 @@ def step(
 ) -> tuple[Tensor, Tensor | None]:
     """One time step of one layer through the fused step operator; same contract as backends.Backend.step."""
     inputs = (x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
-    h_next, c_next, _ = _STEP_OPS[cell](*inputs, _needs_workspace(inputs))
+    h_next, c_next, _ = _STEP_OPS[cell](*inputs, needs_workspace(inputs))
     return h_next, (c_next if cell == "lstm" else None)
 
 
-def _needs_workspace(inputs) -> bool:
+def needs_workspace(inputs) -> bool:
     """Whether autograd will call the backward, which reads the forward's workspace."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)

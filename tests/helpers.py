@@ -10,6 +10,7 @@ In float64 torch.nn *is* the reference, so the bound is the floor alone: 1e-10 r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import zlib
 
@@ -207,13 +208,15 @@ def cotangent(name: str, like: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- runs
 def run(module: nn.Module, x, hx=None, *, seed: int = 0, backward: bool = True):
     """Forward (after torch.manual_seed(seed), for dropout) and backward of a random linear functional of
-    every output. Returns (results, meta): results maps names to tensors (outputs, final states, the
-    gradients of input, hx and every parameter); meta holds the PackedSequence index fields."""
+    every output; without backward, the forward alone under torch.no_grad (inference, as in generation).
+    Returns (results, meta): results maps names to tensors (outputs, final states, the gradients of input,
+    hx and every parameter); meta holds the PackedSequence index fields."""
     for p in module.parameters():
         p.grad = None
     x, hx = leaf(x), leaf(hx)
     torch.manual_seed(seed)
-    out = module(x) if hx is None else module(x, hx)
+    with contextlib.nullcontext() if backward else torch.no_grad():
+        out = module(x) if hx is None else module(x, hx)
     results, meta = {}, {}
     if isinstance(module, (nn.RNNCellBase,)):
         states = out if isinstance(out, tuple) else (out,)
@@ -251,15 +254,17 @@ def assert_meta_equal(ours: dict, theirs: dict) -> None:
             assert torch.equal(ours[name].cpu(), theirs[name].cpu()), f"{name}: {ours[name]} != {theirs[name]}"
 
 
-def check_twin(torch_mod: nn.Module, twin_mod: nn.Module, x, hx=None, *, seed: int = 0) -> dict:
+def check_twin(torch_mod: nn.Module, twin_mod: nn.Module, x, hx=None, *, seed: int = 0, backward: bool = True) -> dict:
     """Runs `twin_mod` (ours) and `torch_mod` (torch.nn, same weights, dtype d) on (x, hx) and torch.nn in
-    float64 on the same values; asserts the rule on every output and gradient and equal packing fields."""
+    float64 on the same values; asserts the rule on every output and gradient (without backward: every
+    output of an inference run, as `run`) and equal packing fields."""
     param = next(torch_mod.parameters())
     dtype = param.dtype
     reference_mod = copy.deepcopy(torch_mod).double()
-    ours, ours_meta = run(twin_mod, x, hx, seed=seed)
-    reference, reference_meta = run(reference_mod, to_dtype(x, torch.float64), to_dtype(hx, torch.float64), seed=seed)
-    baseline = reference if dtype == torch.float64 else run(torch_mod, x, hx, seed=seed)[0]
+    ours, ours_meta = run(twin_mod, x, hx, seed=seed, backward=backward)
+    reference, reference_meta = run(reference_mod, to_dtype(x, torch.float64), to_dtype(hx, torch.float64), seed=seed,
+                                    backward=backward)
+    baseline = reference if dtype == torch.float64 else run(torch_mod, x, hx, seed=seed, backward=backward)[0]
     assert_results(ours, baseline, reference, dtype)
     assert_meta_equal(ours_meta, reference_meta)
     return ours

@@ -101,12 +101,57 @@ def test_rnn_several_tiles(kind, path):
     check_twin(m, twin(m, "triton"), x, hx)
 
 
+@pytest.fixture
+def fused_steps(monkeypatch):
+    """The cells of the fused inference steps (launch.step) the test runs, in order."""
+    from rnnkernels.triton import launch
+
+    cells, step = [], launch.step
+
+    def counted(cell, *args):
+        cells.append(cell)
+        return step(cell, *args)
+
+    monkeypatch.setattr(launch, "step", counted)
+    return cells
+
+
 @pytest.mark.parametrize("unbatched", [False, True], ids=["batched", "unbatched"])
 @pytest.mark.parametrize("kind", list(CELL_KINDS))
-def test_cell_matches_torch(kind, unbatched):
+def test_cell_matches_torch(kind, unbatched, fused_steps):
+    """With autograd, a step runs as the input projection and a one-step recurrence through the operators."""
     m = torch_module(kind, dtype=torch.float32, device=DEVICE, input_size=SIZES["I"], hidden_size=SIZES["H"])
     x, h = cell_inputs(m, hx=True, unbatched=unbatched)
     check_twin(m, twin(m, "triton"), x, h)
+    assert fused_steps == []
+
+
+# The fused step's tiles: on both devices more than one column tile (16 units), K step (32) and batch tile (64).
+STEP_SIZES = dict(input_size=40, hidden_size=20, B=70)
+STEP_CASES = {"hx": ({}, dict(hx=True)), "no_bias_no_hx": ({"bias": False}, {}),
+              "unbatched_hx": ({}, dict(hx=True, unbatched=True))}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("case", list(STEP_CASES))
+@pytest.mark.parametrize("kind", list(CELL_KINDS))
+def test_cell_inference_runs_the_fused_step(kind, case, dtype, fused_steps):
+    """Without autograd (generation), a step is one launch of step_kernel, both matmuls fused."""
+    module_kw, input_kw = STEP_CASES[case]
+    m = torch_module(kind, dtype=dtype, device=DEVICE, input_size=STEP_SIZES["input_size"],
+                     hidden_size=STEP_SIZES["hidden_size"], **module_kw)
+    x, h = cell_inputs(m, B=STEP_SIZES["B"], **input_kw)
+    check_twin(m, twin(m, "triton"), x, h, backward=False)
+    assert fused_steps == [kind.replace("Cell", "").lower()]
+
+
+@pytest.mark.parametrize("kind,case", [("GRU", "two_layers_bidirectional_hx"), ("LSTM", "proj_two_layers_bidir_hx")])
+def test_rnn_single_step_inference(kind, case, fused_steps):
+    """A sequence module at T = 1 without autograd: each layer and direction a fused step, but for the
+    projected LSTM, which has no fused step here and runs through the operators."""
+    m, t, x, hx = build(kind, case, torch.float32, T=1)
+    check_twin(m, t, x, hx, backward=False)
+    assert fused_steps == ([] if m.proj_size else [kind.lower()] * 4)
 
 
 def test_layers_run_the_triton_operators(monkeypatch):

@@ -39,6 +39,9 @@ def variants(cell: str, projected: bool):
                                            PROJECTION_PHASE=projection, GRID_SYNC=grid_sync)
     for gate, state, grid_sync in ((True, True, True), (True, False, False), (False, True, False)):
         yield kernels.backward_kernel, dict(GATE_PHASE=gate, STATE_PHASE=state, GRID_SYNC=grid_sync)
+    if not projected:  # the inference step, at generation's batch of one
+        batch_of_one = launch._meta(torch.float32, 1, 256, 256)["BLOCK_B"]
+        yield kernels.step_kernel, dict(HAS_BIAS_IH=True, HAS_BIAS_HH=True, BLOCK_B=batch_of_one)
 
 
 def signature(fn, dtype: torch.dtype, constants: dict) -> dict:
@@ -75,7 +78,9 @@ def compile_all(arch: int) -> None:
             meta = launch._meta(dtype, 64, 256, 256)
             options = {"num_warps": meta.pop("num_warps")}
             for fn, flags in variants(cell, projected):
-                constants = dict(meta, CELL=cell, GATES=launch.GATES[cell], PROJECTED=projected, **flags)
+                constants = {name: value for name, value in
+                             dict(meta, CELL=cell, GATES=launch.GATES[cell], PROJECTED=projected, **flags).items()
+                             if name in fn.arg_names}
                 compiled = triton.compile(ASTSource(fn, signature(fn, dtype, constants), constants),
                                           target=target, options=options)
                 on = ",".join(k for k, v in flags.items() if v and (k.endswith("PHASE") or k == "GRID_SYNC"))

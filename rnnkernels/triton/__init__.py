@@ -7,6 +7,6 @@ triton backend is first asked for.
 """
 
 from .launch import DTYPES, INTERPRETED, PATH_ENV, choose_path
-from .ops import recurrence
+from .ops import recurrence, step
 
-__all__ = ["DTYPES", "INTERPRETED", "PATH_ENV", "choose_path", "recurrence"]
+__all__ = ["DTYPES", "INTERPRETED", "PATH_ENV", "choose_path", "recurrence", "step"]

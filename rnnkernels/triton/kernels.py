@@ -1,6 +1,7 @@
 # Triton kernels of the recurrence of one layer and one direction over a whole sequence: the forward
 # sweep (recurrent matmul h W_hh^T fused with the gates and the state update) and the backward sweep
-# (gate derivatives fused with dh W_hh), for every cell. Shapes as in csrc/recurrence_args.h.
+# (gate derivatives fused with dh W_hh), for every cell; and one inference step with both matmuls fused
+# (step_kernel, for generation). Shapes as in csrc/recurrence_args.h.
 #
 # What the kernels assume (rnnkernels/triton/launch.py checks it on the host before any launch):
 # - every tensor contiguous, row-major, on one device; gx, weights, output and workspace in one dtype
@@ -10,6 +11,7 @@
 #   caller has none); every (t, b) of output, workspace and gradients is written, zeros where t >= length;
 # - the tiles: BLOCK_B, BLOCK_N, BLOCK_K powers of two >= 16 (tl.dot's minimum); any B, H, P is masked;
 # - T * B and G * H * max(H, P) below 2^31: indices are int32 until they scale a row width (then int64);
+#   step_kernel: x (B, I), h and c (B, H), G * H * max(I, H) below 2^31, no lengths (every row steps);
 # - a program owns the batch rows of its tile (axis 0) and the columns n0, n0 + num_programs(1) *
 #   BLOCK_N, ... of each phase (axis 1). The persistent path (GRID_SYNC) launches all time steps at once
 #   and separates the phases whose data crosses programs by a barrier among the programs of a batch tile
@@ -178,6 +180,58 @@ def _store(rows_ptr, cols, mask, value):
     tl.store(rows_ptr[:, None] + cols[None, :], _round(value, rows_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _gate_tiles(rows_ptr, cols, mask, H, GATES: tl.constexpr):
+    """The (rows, BLOCK_N) tiles at rows_ptr[b] + q * H + cols[n] of each gate q, as float32; zeros past
+    GATES."""
+    x0 = _load(rows_ptr, cols, mask)
+    x1 = tl.zeros_like(x0)
+    x2 = tl.zeros_like(x0)
+    x3 = tl.zeros_like(x0)
+    if GATES > 1:
+        x1 = _load(rows_ptr, H + cols, mask)
+        x2 = _load(rows_ptr, 2 * H + cols, mask)
+    if GATES > 3:
+        x3 = _load(rows_ptr, 3 * H + cols, mask)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _plus_bias(t0, t1, t2, t3, b_ptr, units, unit_mask, H, GATES: tl.constexpr):
+    """Each gate's tile t_q plus the gate's bias b_ptr[q * H + units], broadcast over the rows."""
+    one_row = b_ptr + tl.zeros((1,), tl.int32)
+    b0, b1, b2, b3 = _gate_tiles(one_row, units, unit_mask[None, :], H, GATES)
+    return t0 + b0, t1 + b1, t2 + b2, t3 + b3
+
+
+# ------------------------------------------------------------------------------- the cell of a tile
+@triton.jit
+def _cell_forward(x0, x1, x2, x3, r0, r1, r2, r3, h_prev, c_prev, keep, mask, ws_rows, units, H,
+                  CELL: tl.constexpr, KEEP_WORKSPACE: tl.constexpr):
+    """(h, c) of a tile from the gates' input parts x_q and recurrent parts r_q (biases included); c is
+    c_prev but for the LSTM, h_prev is read by the GRU only. With KEEP_WORKSPACE, stores the step's row of
+    the workspace (what the backward reads) where keep, zeros elsewhere."""
+    c = c_prev
+    if CELL == "lstm":
+        i, f, g, o, c, h = _lstm_forward(x0 + r0, x1 + r1, x2 + r2, x3 + r3, c_prev)
+        if KEEP_WORKSPACE:
+            _store(ws_rows, units, mask, tl.where(keep, i, 0.0))
+            _store(ws_rows, H + units, mask, tl.where(keep, f, 0.0))
+            _store(ws_rows, 2 * H + units, mask, tl.where(keep, g, 0.0))
+            _store(ws_rows, 3 * H + units, mask, tl.where(keep, o, 0.0))
+            _store(ws_rows, 4 * H + units, mask, tl.where(keep, c, 0.0))
+    elif CELL == "gru":
+        r, z, n, h = _gru_forward(x0 + r0, x1 + r1, x2, r2, h_prev)
+        if KEEP_WORKSPACE:
+            _store(ws_rows, units, mask, tl.where(keep, r, 0.0))
+            _store(ws_rows, H + units, mask, tl.where(keep, z, 0.0))
+            _store(ws_rows, 2 * H + units, mask, tl.where(keep, n, 0.0))
+            _store(ws_rows, 3 * H + units, mask, tl.where(keep, r2, 0.0))
+    else:
+        h = _rnn_forward(x0 + r0, CELL == "rnn_relu")
+    return h, c
+
+
 # -------------------------------------------------------------------------------------- grid barrier
 @triton.jit
 def _grid_barrier(counter_ptr, arrivals, timeouts, max_polls, GRID_SYNC: tl.constexpr):
@@ -253,37 +307,20 @@ def forward_kernel(
                 r0, r1, r2, r3 = _matmul_tiles(h_cur, h_cur, row_mask, P, w_hh_ptr, units, unit_mask, P, 1, H * P,
                                                GATES, False, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
                 if HAS_BIAS:
-                    r0 += tl.load(b_hh_ptr + units, mask=unit_mask, other=0.0).to(tl.float32)[None, :]
-                    if GATES > 1:
-                        r1 += tl.load(b_hh_ptr + H + units, mask=unit_mask, other=0.0).to(tl.float32)[None, :]
-                        r2 += tl.load(b_hh_ptr + 2 * H + units, mask=unit_mask, other=0.0).to(tl.float32)[None, :]
-                    if GATES > 3:
-                        r3 += tl.load(b_hh_ptr + 3 * H + units, mask=unit_mask, other=0.0).to(tl.float32)[None, :]
+                    r0, r1, r2, r3 = _plus_bias(r0, r1, r2, r3, b_hh_ptr, units, unit_mask, H, GATES)
                 if GRID_SYNC:
                     r0 += _poison(timeouts)
+                c_prev = r0
+                h_prev = r0
                 if CELL == "lstm":
                     c_prev = _load(c_cur, units, mask)
-                    i, f, g, o, c, h = _lstm_forward(
-                        _load(gx_rows, units, mask) + r0, _load(gx_rows, H + units, mask) + r1,
-                        _load(gx_rows, 2 * H + units, mask) + r2, _load(gx_rows, 3 * H + units, mask) + r3, c_prev)
-                    _store(c_next, units, mask, tl.where(keep, c, c_prev))
-                    if KEEP_WORKSPACE:
-                        _store(ws_rows, units, mask, tl.where(keep, i, 0.0))
-                        _store(ws_rows, H + units, mask, tl.where(keep, f, 0.0))
-                        _store(ws_rows, 2 * H + units, mask, tl.where(keep, g, 0.0))
-                        _store(ws_rows, 3 * H + units, mask, tl.where(keep, o, 0.0))
-                        _store(ws_rows, 4 * H + units, mask, tl.where(keep, c, 0.0))
-                elif CELL == "gru":
+                if CELL == "gru":
                     h_prev = _load(h_cur, units, mask)
-                    r, z, n, h = _gru_forward(_load(gx_rows, units, mask) + r0, _load(gx_rows, H + units, mask) + r1,
-                                              _load(gx_rows, 2 * H + units, mask), r2, h_prev)
-                    if KEEP_WORKSPACE:
-                        _store(ws_rows, units, mask, tl.where(keep, r, 0.0))
-                        _store(ws_rows, H + units, mask, tl.where(keep, z, 0.0))
-                        _store(ws_rows, 2 * H + units, mask, tl.where(keep, n, 0.0))
-                        _store(ws_rows, 3 * H + units, mask, tl.where(keep, r2, 0.0))
-                else:
-                    h = _rnn_forward(_load(gx_rows, units, mask) + r0, CELL == "rnn_relu")
+                x0, x1, x2, x3 = _gate_tiles(gx_rows, units, mask, H, GATES)
+                h, c = _cell_forward(x0, x1, x2, x3, r0, r1, r2, r3, h_prev, c_prev, keep, mask, ws_rows, units, H,
+                                     CELL, KEEP_WORKSPACE)
+                if CELL == "lstm":
+                    _store(c_next, units, mask, tl.where(keep, c, c_prev))
                 if PROJECTED:
                     _store(m_ptr + rows.to(tl.int64) * H, units, mask, h)
                 else:
@@ -304,6 +341,43 @@ def forward_kernel(
                 _store(h_next, cols, mask, tl.where(keep, h, _load(h_cur, cols, mask)))
                 _store(out_rows, cols, mask, tl.where(keep, h, 0.0))
             arrivals, timeouts = _grid_barrier(counter, arrivals, timeouts, max_polls, GRID_SYNC)
+
+
+# -------------------------------------------------------------------------------------- one step
+@triton.jit
+def step_kernel(
+    x_ptr, h_prev_ptr, c_prev_ptr, w_ih_ptr, w_hh_ptr, b_ih_ptr, b_hh_ptr,  # x (B, I), h, c (B, H)
+    h_next_ptr, c_next_ptr,  # (B, H) each; c for the LSTM only
+    B, I, H,
+    CELL: tl.constexpr, GATES: tl.constexpr, HAS_BIAS_IH: tl.constexpr, HAS_BIAS_HH: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One time step of a cell for inference (generation), both matmuls x W_ih^T and h W_hh^T fused with
+    the gates: one launch a step. A program owns a tile of batch rows (axis 0) and of hidden units (axis 1);
+    no projection (proj_size), no workspace (nothing to differentiate)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    units = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < B
+    unit_mask = units < H
+    mask = row_mask[:, None] & unit_mask[None, :]
+    x_rows = x_ptr + rows.to(tl.int64) * I
+    h_rows = h_prev_ptr + rows.to(tl.int64) * H
+    x0, x1, x2, x3 = _matmul_tiles(x_rows, x_rows, row_mask, I, w_ih_ptr, units, unit_mask, I, 1, H * I,
+                                   GATES, False, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+    r0, r1, r2, r3 = _matmul_tiles(h_rows, h_rows, row_mask, H, w_hh_ptr, units, unit_mask, H, 1, H * H,
+                                   GATES, False, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+    if HAS_BIAS_IH:
+        x0, x1, x2, x3 = _plus_bias(x0, x1, x2, x3, b_ih_ptr, units, unit_mask, H, GATES)
+    if HAS_BIAS_HH:
+        r0, r1, r2, r3 = _plus_bias(r0, r1, r2, r3, b_hh_ptr, units, unit_mask, H, GATES)
+    c_prev = r0
+    if CELL == "lstm":
+        c_prev = _load(c_prev_ptr + rows.to(tl.int64) * H, units, mask)
+    h, c = _cell_forward(x0, x1, x2, x3, r0, r1, r2, r3, _load(h_rows, units, mask), c_prev, mask, mask,
+                         h_next_ptr, units, H, CELL, False)
+    _store(h_next_ptr + rows.to(tl.int64) * H, units, mask, h)
+    if CELL == "lstm":
+        _store(c_next_ptr + rows.to(tl.int64) * H, units, mask, c)
 
 
 # ----------------------------------------------------------------------------------------- backward

@@ -13,7 +13,6 @@ import functools
 import os
 
 import torch
-import triton
 from torch import Tensor
 
 from ..ops import workspace_width
@@ -50,9 +49,13 @@ def choose_path() -> str:
     return forced
 
 
+def _error(message: str) -> RuntimeError:
+    return RuntimeError(f"rnnkernels (triton): {message}")
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
-        raise RuntimeError(f"rnnkernels (triton): {message}")
+        raise _error(message)
 
 
 def _check(cell: str, gx_shape, like: Tensor, h0, c0, w_hh, b_hh, w_hr, lengths) -> tuple[int, int, int, int]:
@@ -98,6 +101,12 @@ def _lengths_on(device: torch.device, lengths: Tensor | None, T: int, B: int) ->
     return lengths.to(device=device, dtype=torch.int32)
 
 
+def _cdiv(a: int, b: int) -> int:
+    # Not triton.cdiv (nor triton.next_power_of_2 below): Triton's constexpr functions, they cost several
+    # microseconds a call on the host, which every generated token pays.
+    return -(-a // b)
+
+
 def _meta(dtype: torch.dtype, B: int, H: int, P: int) -> dict:
     """Tile sizes (kernels.py's assumption: powers of two >= 16), warps and the precision of float32 dots."""
     # float32 dots as torch.nn's recurrence computes them on cuDNN: in TF32 where cuDNN may use it.
@@ -108,7 +117,7 @@ def _meta(dtype: torch.dtype, B: int, H: int, P: int) -> dict:
         # tests/triton_compile.py); 8 warps hold them.
         num_warps=8,
         # Up to 64 sequences a tile: every batch tile reads all of W_hh at every step.
-        BLOCK_B=min(64, max(16, triton.next_power_of_2(B))),
+        BLOCK_B=min(64, max(16, 1 << (B - 1).bit_length())),
         # Narrow column tiles: as many programs as the multiprocessors take share each step's work.
         BLOCK_N=16,
         BLOCK_K=16 if max(H, P) <= 16 else 32,
@@ -128,7 +137,7 @@ def _column_programs(device: torch.device, batch_tiles: int, widest: int, block_
     if INTERPRETED:
         return 1
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return max(1, min(triton.cdiv(widest, block_n), _multiprocessors(index) // batch_tiles))
+    return max(1, min(_cdiv(widest, block_n), _multiprocessors(index) // batch_tiles))
 
 
 def _launch(kernel, grid, *args, **meta) -> None:
@@ -141,7 +150,7 @@ def _sweep(kernel, pointers: tuple, sizes: tuple, phases: list[tuple[int, dict]]
     """All steps of a sweep on the chosen path. sizes: (T, B, H, P, reverse); phases: (columns, the
     kernel's phase flags) of each phase of a step, in order."""
     T, B = sizes[0], sizes[1]
-    batch_tiles = triton.cdiv(B, meta["BLOCK_B"])
+    batch_tiles = _cdiv(B, meta["BLOCK_B"])
     sync = torch.zeros(batch_tiles, dtype=torch.int32, device=device)
     if choose_path() == "persistent":
         programs = _column_programs(device, batch_tiles, max(columns for columns, _ in phases), meta["BLOCK_N"])
@@ -153,7 +162,7 @@ def _sweep(kernel, pointers: tuple, sizes: tuple, phases: list[tuple[int, dict]]
     else:
         for s in range(T):
             for columns, flags in phases:
-                _launch(kernel, (batch_tiles, triton.cdiv(columns, meta["BLOCK_N"])), *pointers, sync, *sizes,
+                _launch(kernel, (batch_tiles, _cdiv(columns, meta["BLOCK_N"])), *pointers, sync, *sizes,
                         s, s + 1, 0, GRID_SYNC=False, **flags, **meta)
 
 
@@ -187,6 +196,43 @@ def forward(cell: str, gx: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tensor, 
     h_n = h[T % 2].to(gx.dtype, copy=True)
     c_n = c[T % 2].to(gx.dtype, copy=True) if lstm else gx.new_empty(0)
     return output, h_n, c_n, workspace
+
+
+def step(cell: str, x: Tensor, h: Tensor, c: Tensor | None, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+         b_hh: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """(h', c') of one inference step without projection (c' None but for the LSTM): step_kernel, one launch.
+    Called per generated token, so its checks are comparisons of whole shapes."""
+    G, lstm = GATES[cell], cell == "lstm"
+    _require(x.dim() == 2, f"a step's input must be 2-D (B, I), got {x.dim()}-D")
+    B, I = x.shape
+    H = w_hh.shape[1]
+    dtype, device = x.dtype, x.device
+    # The messages are built only where a check fails: formatting them costs more host time than the rest.
+    if not (h.shape == (B, H) and w_ih.shape == (G * H, I) and w_hh.shape == (G * H, H)
+            and (c.shape == (B, H) if lstm else c is None)
+            and (b_ih is None or b_ih.shape == (G * H,)) and (b_hh is None or b_hh.shape == (G * H,))):
+        raise _error(f"a {cell} step takes x [B, I], h [B, H]{', c [B, H]' if lstm else ''}, w_ih [{G}*H, I], "
+                     f"w_hh [{G}*H, H] and biases [{G}*H]; got x {list(x.shape)}, h {list(h.shape)}, "
+                     f"w_ih {list(w_ih.shape)}, w_hh {list(w_hh.shape)}")
+    for t in (h, c, w_ih, w_hh, b_ih, b_hh):
+        if t is not None and (t.dtype != dtype or t.device != device):
+            raise _error(f"all tensors must share the input's dtype and device ({dtype}, {device})")
+    if dtype not in DTYPES or not (device.type == "cuda" or (INTERPRETED and device.type == "cpu")):
+        raise _error(f"runs {', '.join(map(str, DTYPES))} CUDA tensors, got {dtype} on {device}")
+    _require(G * H * max(I, H) < 2**31, "sizes out of range")
+    h_next = x.new_empty((B, H))
+    c_next = x.new_empty((B, H)) if lstm else None
+    if B > 0 and H > 0:
+        meta = _meta(dtype, B, H, max(I, H))
+        grid = (_cdiv(B, meta["BLOCK_B"]), _cdiv(H, meta["BLOCK_N"]))
+        # Never under torch.compile (rnnkernels.triton.step declines there), so the kernel is launched as is,
+        # without wrap_triton's wrapper.
+        kernels.step_kernel[grid](x.contiguous(), h.contiguous(), c.contiguous() if lstm else h, w_ih.contiguous(),
+                                  w_hh.contiguous(), w_ih if b_ih is None else b_ih.contiguous(),
+                                  w_hh if b_hh is None else b_hh.contiguous(), h_next,
+                                  c_next if lstm else h_next, B, I, H, CELL=cell, GATES=G,
+                                  HAS_BIAS_IH=b_ih is not None, HAS_BIAS_HH=b_hh is not None, **meta)
+    return h_next, c_next
 
 
 def _previous_states(h0: Tensor, output: Tensor, lengths: Tensor, reverse: bool) -> Tensor:

@@ -1,6 +1,7 @@
 """The Triton backend's operators, rnnkernels::triton_{cell}_forward and rnnkernels::triton_{cell}_backward:
 launch.forward and launch.backward behind the schemas, fake implementations and autograd of the compiled
-operators (rnnkernels/ops.py), so that layers run and torch.compile traces them the same way.
+operators (rnnkernels/ops.py), so that layers run and torch.compile traces them the same way. And the
+backend's inference step, which calls its launcher directly.
 
 On the GPU they are torch.library.triton_op operators, whose kernels (launched through wrap_triton)
 torch.compile sees. In Triton's interpreter they are plain custom operators: torch.compile cannot trace
@@ -54,3 +55,16 @@ ops.register_recurrence_ops(PREFIX)
 def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse):
     """One layer and direction through the Triton operators; same contract as reference.recurrence."""
     return ops.recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, prefix=PREFIX)
+
+
+def step(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr):
+    """One time step of inference in one launch (launch.step); same contract as backends.Backend.step.
+    None where autograd records the call, under torch.compile, or with a projection: the step then runs as
+    the input projection and a one-step recurrence through the operators above. Generation, the case this
+    serves, pays the host time of every token, and dispatching a Python custom operator costs more of it
+    than launch.step does (27 us against 25 us on the 2-core CPU machine, the launch itself left out)."""
+    inputs = (x, h, c, w_ih, w_hh, b_ih, b_hh)
+    if w_hr is not None or torch.compiler.is_compiling() or ops.needs_workspace(inputs):
+        return None
+    with _on_device(x):
+        return launch.step(cell, *inputs)
