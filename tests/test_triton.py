@@ -126,8 +126,8 @@ def test_cell_matches_torch(kind, unbatched, fused_steps):
     assert fused_steps == []
 
 
-# The fused step's tiles: on both devices more than one column tile (16 units), K step (32) and batch tile (64).
-STEP_SIZES = dict(input_size=40, hidden_size=20, B=70)
+# The fused step's tiles: on both devices more than one column tile (16 units), K step (64) and batch tile (64).
+STEP_SIZES = dict(input_size=70, hidden_size=20, B=70)
 STEP_CASES = {"hx": ({}, dict(hx=True)), "no_bias_no_hx": ({"bias": False}, {}),
               "unbatched_hx": ({}, dict(hx=True, unbatched=True))}
 

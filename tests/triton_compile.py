@@ -40,8 +40,9 @@ def variants(cell: str, projected: bool):
     for gate, state, grid_sync in ((True, True, True), (True, False, False), (False, True, False)):
         yield kernels.backward_kernel, dict(GATE_PHASE=gate, STATE_PHASE=state, GRID_SYNC=grid_sync)
     if not projected:  # the inference step, at generation's batch of one
-        batch_of_one = launch._meta(torch.float32, 1, 256, 256)["BLOCK_B"]
-        yield kernels.step_kernel, dict(HAS_BIAS_IH=True, HAS_BIAS_HH=True, BLOCK_B=batch_of_one)
+        tiles = launch._step_meta(torch.float32, 1, 256, 256)
+        yield kernels.step_kernel, dict(HAS_BIAS_IH=True, HAS_BIAS_HH=True, BLOCK_B=tiles["BLOCK_B"],
+                                        BLOCK_K=tiles["BLOCK_K"])
 
 
 def signature(fn, dtype: torch.dtype, constants: dict) -> dict:
