@@ -165,8 +165,8 @@ def select(requested: str, device: torch.device, dtype: torch.dtype) -> Backend:
     if selected is None:
         selected = _SELECTED[key] = _selection(choice, key[1], dtype)
     name, reason = selected
-    if reason is not None:
-        raise RuntimeError(f"rnnkernels: backend {choice!r} cannot run this input: {reason}")
+    if reason is not None:  # in words again, for this very device (the cached reason names its type only)
+        raise RuntimeError(f"rnnkernels: backend {choice!r} cannot run this input: {unsupported(choice, device, dtype)}")
     return _BY_NAME[name]
 
 

@@ -126,10 +126,16 @@ def test_cell_matches_torch(kind, unbatched, fused_steps):
     assert fused_steps == []
 
 
-# The fused step's tiles: on both devices more than one column tile (16 units), K step (64) and batch tile (64).
-STEP_SIZES = dict(input_size=70, hidden_size=20, B=70)
-STEP_CASES = {"hx": ({}, dict(hx=True)), "no_bias_no_hx": ({"bias": False}, {}),
-              "unbatched_hx": ({}, dict(hx=True, unbatched=True))}
+# The fused step's tiles: on both devices more than one column tile (16 units), batch tile (64) and K step
+# (64) in both matmuls; I != H.
+STEP_SIZES = dict(input_size=80, hidden_size=70, B=70)
+STEP_CASES = {"hx": ({}, dict(hx=True)), "no_bias_hx": ({"bias": False}, dict(hx=True)),
+              "no_hx_unbatched": ({}, dict(unbatched=True))}
+
+
+def step_module(kind, dtype=torch.float32, **module_kw):
+    return torch_module(kind, dtype=dtype, device=DEVICE, input_size=STEP_SIZES["input_size"],
+                        hidden_size=STEP_SIZES["hidden_size"], **module_kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
@@ -138,35 +144,77 @@ STEP_CASES = {"hx": ({}, dict(hx=True)), "no_bias_no_hx": ({"bias": False}, {}),
 def test_cell_inference_runs_the_fused_step(kind, case, dtype, fused_steps):
     """Without autograd (generation), a step is one launch of step_kernel, both matmuls fused."""
     module_kw, input_kw = STEP_CASES[case]
-    m = torch_module(kind, dtype=dtype, device=DEVICE, input_size=STEP_SIZES["input_size"],
-                     hidden_size=STEP_SIZES["hidden_size"], **module_kw)
+    m = step_module(kind, dtype, **module_kw)
     x, h = cell_inputs(m, B=STEP_SIZES["B"], **input_kw)
     check_twin(m, twin(m, "triton"), x, h, backward=False)
     assert fused_steps == [kind.replace("Cell", "").lower()]
 
 
-@pytest.mark.parametrize("kind,case", [("GRU", "two_layers_bidirectional_hx"), ("LSTM", "proj_two_layers_bidir_hx")])
+SINGLE_STEP_CASES = [("LSTM", "two_layers_bidirectional_hx"), ("GRU", "basic"), ("RNN_relu", "unbatched"),
+                     ("LSTM", "proj_two_layers_bidir_hx")]
+
+
+@pytest.mark.parametrize("kind,case", SINGLE_STEP_CASES, ids=[f"{k}-{c}" for k, c in SINGLE_STEP_CASES])
 def test_rnn_single_step_inference(kind, case, fused_steps):
     """A sequence module at T = 1 without autograd: each layer and direction a fused step, but for the
     projected LSTM, which has no fused step here and runs through the operators."""
     m, t, x, hx = build(kind, case, torch.float32, T=1)
     check_twin(m, t, x, hx, backward=False)
-    assert fused_steps == ([] if m.proj_size else [kind.lower()] * 4)
+    steps = m.num_layers * (2 if m.bidirectional else 1)
+    assert fused_steps == ([] if m.proj_size else [kind.lower()] * steps)
 
 
-def test_layers_run_the_triton_operators(monkeypatch):
-    """backend="triton" runs rnnkernels::triton_* and nothing else for the recurrence."""
+def test_inference_steps_that_something_intercepts_run_the_operators(fused_steps):
+    """The fused step launches without an operator, so it declines wherever an operator would be seen:
+    under torch.compile (whose graph then holds the operators), a dispatch mode, fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Operators(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    torch._dynamo.reset()
+    m = step_module("GRUCell")
+    x, h = cell_inputs(m, B=3, hx=True)
+    ours = twin(m, "triton")
+    with torch.no_grad():
+        expected = ours(x, h)
+        assert fused_steps == ["gru"]
+        compiled = torch.compile(twin(m, "triton"), fullgraph=True, backend="eager")(x, h)
+        torch.testing.assert_close(compiled, expected, atol=1e-6, rtol=1e-6)
+        with Operators() as seen:
+            torch.testing.assert_close(ours(x, h), expected, atol=1e-6, rtol=1e-6)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            fake = ours(torch.empty_like(x), torch.empty_like(h))
+    assert fused_steps == ["gru"]
+    assert "rnnkernels::triton_gru_forward" in seen.names
+    assert fake.shape == expected.shape and type(fake) is not torch.Tensor
+
+
+def test_step_host_checks_say_what_is_wrong():
     from rnnkernels.triton import launch
 
-    calls = []
-    for name in ("forward", "backward"):
-        original = getattr(launch, name)
-        monkeypatch.setattr(launch, name,
-                            lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
-    m = rnnkernels.GRU(3, 4, bidirectional=True, backend="triton").to(DEVICE)
-    x = torch.randn(5, 2, 3, device=DEVICE, requires_grad=True)
-    m(x)[0].sum().backward()
-    assert calls == ["forward", "forward", "backward", "backward"]
+    m = step_module("LSTMCell")
+    x, (h, c) = cell_inputs(m, B=3, hx=True)
+    weights = (m.weight_ih.detach(), m.weight_hh.detach(), m.bias_ih.detach(), m.bias_hh.detach())
+    with pytest.raises(RuntimeError, match=r"a lstm step takes .* got .* c None"):
+        launch.step("lstm", x, h, None, *weights)
+    with pytest.raises(RuntimeError, match=r"a lstm step takes .* h \[3, 69\]"):
+        launch.step("lstm", x, h[:, 1:], c, *weights)
+    with pytest.raises(RuntimeError, match="must be 2-D"):
+        launch.step("lstm", x[0], h, c, *weights)
+    with pytest.raises(RuntimeError, match="share the input's dtype"):
+        launch.step("lstm", x, h.half(), c, *weights)
+    with pytest.raises(RuntimeError, match="runs torch.float32"):
+        launch.step("lstm", x.double(), h.double(), c.double(), *(w.double() for w in weights))
+    h_next, c_next = launch.step("lstm", x[:0], h[:0], c[:0], *weights)
+    assert h_next.shape == c_next.shape == (0, STEP_SIZES["hidden_size"])
 
 
 # ------------------------------------------------------------------------------------------- operators

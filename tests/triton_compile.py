@@ -31,7 +31,7 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 CELLS = [("lstm", False), ("lstm", True), ("gru", False), ("rnn_tanh", False), ("rnn_relu", False)]
 
 
-def variants(cell: str, projected: bool):
+def variants(cell: str, projected: bool, dtype: torch.dtype):
     """(kernel, constexprs) of every launch of one cell."""
     forward_phases = [(True, projected, True), (True, False, False)] + ([(False, True, False)] if projected else [])
     for gates, projection, grid_sync in forward_phases:
@@ -40,9 +40,9 @@ def variants(cell: str, projected: bool):
     for gate, state, grid_sync in ((True, True, True), (True, False, False), (False, True, False)):
         yield kernels.backward_kernel, dict(GATE_PHASE=gate, STATE_PHASE=state, GRID_SYNC=grid_sync)
     if not projected:  # the inference step, at generation's batch of one
-        tiles = launch._step_meta(torch.float32, 1, 256, 256)
-        yield kernels.step_kernel, dict(HAS_BIAS_IH=True, HAS_BIAS_HH=True, BLOCK_B=tiles["BLOCK_B"],
-                                        BLOCK_K=tiles["BLOCK_K"])
+        meta = launch._step_meta(dtype, 1, 256, 256)
+        yield kernels.step_kernel, dict(HAS_BIAS_IH=True, HAS_BIAS_HH=True,
+                                        **{name: meta[name] for name in ("PRECISION", "BLOCK_B", "BLOCK_K")})
 
 
 def signature(fn, dtype: torch.dtype, constants: dict) -> dict:
@@ -78,10 +78,10 @@ def compile_all(arch: int) -> None:
         for cell, projected in CELLS:
             meta = launch._meta(dtype, 64, 256, 256)
             options = {"num_warps": meta.pop("num_warps")}
-            for fn, flags in variants(cell, projected):
-                constants = {name: value for name, value in
-                             dict(meta, CELL=cell, GATES=launch.GATES[cell], PROJECTED=projected, **flags).items()
-                             if name in fn.arg_names}
+            for fn, flags in variants(cell, projected, dtype):
+                assert set(flags) <= set(fn.arg_names), f"{fn.__name__} has no {set(flags) - set(fn.arg_names)}"
+                shared = dict(meta, CELL=cell, GATES=launch.GATES[cell], PROJECTED=projected)
+                constants = {name: value for name, value in shared.items() if name in fn.arg_names} | flags
                 compiled = triton.compile(ASTSource(fn, signature(fn, dtype, constants), constants),
                                           target=target, options=options)
                 on = ",".join(k for k, v in flags.items() if v and (k.endswith("PHASE") or k == "GRID_SYNC"))

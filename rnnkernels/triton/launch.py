@@ -95,6 +95,10 @@ def _check(cell: str, gx_shape, like: Tensor, h0, c0, w_hh, b_hh, w_hr, lengths)
     return T, B, H, P
 
 
+def _shape(t: Tensor | None) -> list | None:
+    return None if t is None else list(t.shape)
+
+
 def _lengths_on(device: torch.device, lengths: Tensor | None, T: int, B: int) -> Tensor:
     if lengths is None:
         return torch.full((B,), T, dtype=torch.int32, device=device)
@@ -125,10 +129,14 @@ def _meta(dtype: torch.dtype, B: int, H: int, P: int) -> dict:
 
 
 def _step_meta(dtype: torch.dtype, B: int, I: int, H: int) -> dict:
-    """_meta for step_kernel, whose K loops stream each weight once a step: up to 64 columns an iteration
-    (twice the sweeps' 32), so that each iteration, of which the software pipeline overlaps only a few,
-    moves more bytes. At 128 the LSTM's 16-bit step takes all 255 registers (ptxas, sm_90); at 64, 173."""
-    return dict(_meta(dtype, B, H, H), BLOCK_K=min(64, max(16, 1 << (max(I, H) - 1).bit_length())))
+    """_meta for step_kernel. Its float32 dots as torch.nn's cells compute theirs, with cuBLAS, in TF32 only
+    where matmuls may use it (cuDNN's flag, which _meta follows for the sweeps, is not theirs). Its K loops
+    stream each weight once a step: up to 64 columns an iteration (twice the sweeps' 32), so that each
+    iteration, of which the software pipeline overlaps only a few, moves more bytes. At 128 the LSTM's
+    16-bit step takes all 255 registers (ptxas, sm_90); at 64, 173."""
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return dict(_meta(dtype, B, H, H), PRECISION="tf32" if tf32 else "ieee",
+                BLOCK_K=min(64, max(16, 1 << (max(I, H) - 1).bit_length())))
 
 
 @functools.lru_cache(maxsize=None)
@@ -210,17 +218,19 @@ def step(cell: str, x: Tensor, h: Tensor, c: Tensor | None, w_ih: Tensor, w_hh: 
     """(h', c') of one inference step without projection (c' None but for the LSTM): step_kernel, one launch.
     Called per generated token, so its checks are comparisons of whole shapes."""
     G, lstm = GATES[cell], cell == "lstm"
-    _require(x.dim() == 2, f"a step's input must be 2-D (B, I), got {x.dim()}-D")
+    # The messages are built only where a check fails: formatting them costs more host time than the rest.
+    if x.dim() != 2:
+        raise _error(f"a step's input must be 2-D (B, I), got {x.dim()}-D")
     B, I = x.shape
     H = w_hh.shape[1]
     dtype, device = x.dtype, x.device
-    # The messages are built only where a check fails: formatting them costs more host time than the rest.
     if not (h.shape == (B, H) and w_ih.shape == (G * H, I) and w_hh.shape == (G * H, H)
-            and (c.shape == (B, H) if lstm else c is None)
+            and ((c is not None and c.shape == (B, H)) if lstm else c is None)
             and (b_ih is None or b_ih.shape == (G * H,)) and (b_hh is None or b_hh.shape == (G * H,))):
-        raise _error(f"a {cell} step takes x [B, I], h [B, H]{', c [B, H]' if lstm else ''}, w_ih [{G}*H, I], "
-                     f"w_hh [{G}*H, H] and biases [{G}*H]; got x {list(x.shape)}, h {list(h.shape)}, "
-                     f"w_ih {list(w_ih.shape)}, w_hh {list(w_hh.shape)}")
+        raise _error(f"a {cell} step takes x [B, I], h [B, H], {'c [B, H]' if lstm else 'no c'}, w_ih [{G}*H, I], "
+                     f"w_hh [{G}*H, H] and biases [{G}*H] or None; got x {_shape(x)}, h {_shape(h)}, "
+                     f"c {_shape(c)}, w_ih {_shape(w_ih)}, w_hh {_shape(w_hh)}, b_ih {_shape(b_ih)}, "
+                     f"b_hh {_shape(b_hh)}")
     for t in (h, c, w_ih, w_hh, b_ih, b_hh):
         if t is not None and (t.dtype != dtype or t.device != device):
             raise _error(f"all tensors must share the input's dtype and device ({dtype}, {device})")

@@ -59,12 +59,15 @@ def recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse):
 
 def step(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr):
     """One time step of inference in one launch (launch.step); same contract as backends.Backend.step.
-    None where autograd records the call, under torch.compile, or with a projection: the step then runs as
-    the input projection and a one-step recurrence through the operators above. Generation, the case this
-    serves, pays the host time of every token, and dispatching a Python custom operator costs more of it
-    than launch.step does (27 us against 25 us on the 2-core CPU machine, the launch itself left out)."""
+    Generation, the case this serves, pays the host time of every token, and dispatching a Python custom
+    operator costs more of it than launch.step does (27 us against 25 us on the 2-core CPU machine, the
+    launch itself left out), so this launches without an operator. Hence None (the step then runs as the
+    input projection and a one-step recurrence through the operators above) wherever something would
+    intercept an operator: autograd recording, torch.compile, a dispatch mode (fake tensors, make_fx) or a
+    tensor subclass; and with a projection, which step_kernel does not have."""
     inputs = (x, h, c, w_ih, w_hh, b_ih, b_hh)
-    if w_hr is not None or torch.compiler.is_compiling() or ops.needs_workspace(inputs):
+    if (w_hr is not None or type(x) is not torch.Tensor or torch.compiler.is_compiling()
+            or torch._C._len_torch_dispatch_stack() > 0 or ops.needs_workspace(inputs)):
         return None
     with _on_device(x):
         return launch.step(cell, *inputs)
