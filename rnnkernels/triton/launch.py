@@ -77,12 +77,7 @@ def _check(cell: str, gx_shape, like: Tensor, h0, c0, w_hh, b_hh, w_hr, lengths)
         _require(c0 is not None and c0.shape == (B, H), f"the LSTM needs c0 of shape [{B}, {H}]")
     if b_hh is not None:
         _require(b_hh.shape == (G * H,), f"b_hh must have shape [{G * H}], got {list(b_hh.shape)}")
-    _require(like.dtype in DTYPES, f"runs {', '.join(map(str, DTYPES))}, got {like.dtype}")
-    _require(like.device.type == "cuda" or (INTERPRETED and like.device.type == "cpu"),
-             f"runs CUDA tensors (CPU tensors only in Triton's interpreter, TRITON_INTERPRET=1), got {like.device}")
-    for t in (h0, c0, w_hh, b_hh, w_hr):
-        _require(t is None or (t.dtype == like.dtype and t.device == like.device),
-                 f"all tensors must share the input's dtype and device ({like.dtype}, {like.device})")
+    _check_dtype_and_device(like, (h0, c0, w_hh, b_hh, w_hr))
     # The kernels index time x batch rows and one gate's weight in int32.
     _require(T * B < 2**31 and G * H * max(H, P) < 2**31, "sizes out of range")
     if lengths is not None:
@@ -93,6 +88,19 @@ def _check(cell: str, gx_shape, like: Tensor, h0, c0, w_hh, b_hh, w_hr, lengths)
         if type(lengths) is Tensor and B > 0:
             _require(0 <= int(lengths.min()) and int(lengths.max()) <= T, f"lengths must lie in [0, {T}]")
     return T, B, H, P
+
+
+def _check_dtype_and_device(like: Tensor, others: tuple) -> None:
+    """like's dtype and device are ones the kernels run, and every other tensor (or None) shares them. The
+    messages are built only where a check fails: a generated token pays for every call (step)."""
+    dtype, device = like.dtype, like.device
+    if dtype not in DTYPES:
+        raise _error(f"runs {', '.join(map(str, DTYPES))}, got {dtype}")
+    if not (device.type == "cuda" or (INTERPRETED and device.type == "cpu")):
+        raise _error(f"runs CUDA tensors (CPU tensors only in Triton's interpreter, TRITON_INTERPRET=1), got {device}")
+    for t in others:
+        if t is not None and (t.dtype != dtype or t.device != device):
+            raise _error(f"all tensors must share the input's dtype and device ({dtype}, {device})")
 
 
 def _shape(t: Tensor | None) -> list | None:
@@ -223,7 +231,6 @@ def step(cell: str, x: Tensor, h: Tensor, c: Tensor | None, w_ih: Tensor, w_hh: 
         raise _error(f"a step's input must be 2-D (B, I), got {x.dim()}-D")
     B, I = x.shape
     H = w_hh.shape[1]
-    dtype, device = x.dtype, x.device
     if not (h.shape == (B, H) and w_ih.shape == (G * H, I) and w_hh.shape == (G * H, H)
             and ((c is not None and c.shape == (B, H)) if lstm else c is None)
             and (b_ih is None or b_ih.shape == (G * H,)) and (b_hh is None or b_hh.shape == (G * H,))):
@@ -231,16 +238,12 @@ def step(cell: str, x: Tensor, h: Tensor, c: Tensor | None, w_ih: Tensor, w_hh: 
                      f"w_hh [{G}*H, H] and biases [{G}*H] or None; got x {_shape(x)}, h {_shape(h)}, "
                      f"c {_shape(c)}, w_ih {_shape(w_ih)}, w_hh {_shape(w_hh)}, b_ih {_shape(b_ih)}, "
                      f"b_hh {_shape(b_hh)}")
-    for t in (h, c, w_ih, w_hh, b_ih, b_hh):
-        if t is not None and (t.dtype != dtype or t.device != device):
-            raise _error(f"all tensors must share the input's dtype and device ({dtype}, {device})")
-    if dtype not in DTYPES or not (device.type == "cuda" or (INTERPRETED and device.type == "cpu")):
-        raise _error(f"runs {', '.join(map(str, DTYPES))} CUDA tensors, got {dtype} on {device}")
+    _check_dtype_and_device(x, (h, c, w_ih, w_hh, b_ih, b_hh))
     _require(G * H * max(I, H) < 2**31, "sizes out of range")
     h_next = x.new_empty((B, H))
     c_next = x.new_empty((B, H)) if lstm else None
     if B > 0 and H > 0:
-        meta = _step_meta(dtype, B, I, H)
+        meta = _step_meta(x.dtype, B, I, H)
         grid = (_cdiv(B, meta["BLOCK_B"]), _cdiv(H, meta["BLOCK_N"]))
         # Never under torch.compile (rnnkernels.triton.step declines there), so the kernel is launched as is,
         # without wrap_triton's wrapper.
