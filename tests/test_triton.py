@@ -217,6 +217,21 @@ def test_step_host_checks_say_what_is_wrong():
     assert h_next.shape == c_next.shape == (0, STEP_SIZES["hidden_size"])
 
 
+def test_layers_run_the_triton_operators(monkeypatch):
+    """backend="triton" runs rnnkernels::triton_* and nothing else for the recurrence."""
+    from rnnkernels.triton import launch
+
+    calls = []
+    for name in ("forward", "backward"):
+        original = getattr(launch, name)
+        monkeypatch.setattr(launch, name,
+                            lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    m = rnnkernels.GRU(3, 4, bidirectional=True, backend="triton").to(DEVICE)
+    x = torch.randn(5, 2, 3, device=DEVICE, requires_grad=True)
+    m(x)[0].sum().backward()
+    assert calls == ["forward", "forward", "backward", "backward"]
+
+
 # ------------------------------------------------------------------------------------------- operators
 def op_args(cell, projected=False, T=4, B=3, H=5, P=2, lengths=None, reverse=False, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
