@@ -54,9 +54,14 @@ class _RNNBase(_Twin):
     """forward of RNN, GRU and LSTM: torch.nn's contract (batched or not, batch_first, PackedSequence, hx)."""
 
     def _layer_weights(self) -> list[functional.LayerWeights]:
+        # From _parameters, as in the cells: a one-step call (generation) pays for every lookup.
+        parameters = self._parameters
+        try:
+            per_layer = [[parameters[name] for name in names] for names in self._all_weights]
+        except KeyError:  # moved out by torch.nn.utils.parametrize, prune or weight_norm: computed on access
+            per_layer = [[getattr(self, name) for name in names] for names in self._all_weights]
         layers = []
-        for names in self._all_weights:
-            params = [getattr(self, name) for name in names]
+        for params in per_layer:
             w_ih, w_hh = params[0], params[1]
             b_ih, b_hh = (params[2], params[3]) if self.bias else (None, None)
             w_hr = params[-1] if self.proj_size > 0 else None
@@ -96,12 +101,14 @@ class _RNNBase(_Twin):
         if hx is None:
             h0 = self._zeros(batch, self.proj_size if self.proj_size > 0 else self.hidden_size, x)
             hx = (h0, self._zeros(batch, self.hidden_size, x)) if is_lstm else h0
-        self.check_forward_args(check_input, hx, check_sizes)
+        weights = self._layer_weights()
+        h0, c0 = (hx[0], hx[1]) if is_lstm else (hx, None)
+        if packed or not self._well_formed(x, h0, c0, weights[0].w_ih.dtype):
+            self.check_forward_args(check_input, hx, check_sizes)
 
         backend = backends.select(self.backend, x.device, x.dtype)
-        h0, c0 = hx if is_lstm else (hx, None)
         output, h_n, c_n = functional.rnn(
-            self.mode.lower(), x, h0, c0, self._layer_weights(), self.num_layers, self.bidirectional,
+            self.mode.lower(), x, h0, c0, weights, self.num_layers, self.bidirectional,
             self.dropout, self.training, lengths, backend,
         )
         hidden = (h_n, c_n) if is_lstm else h_n
@@ -116,6 +123,16 @@ class _RNNBase(_Twin):
             output = output.squeeze(0 if self.batch_first else 1)
             hidden = (h_n.squeeze(1), c_n.squeeze(1)) if is_lstm else h_n.squeeze(1)
         return output, hidden
+
+
+    def _well_formed(self, x: Tensor, h0: Tensor, c0: Tensor | None, weight_dtype: torch.dtype) -> bool:
+        """Whether an unpacked call passes check_forward_args, in one comparison per tensor: torch.nn's
+        checks, with their messages, run only where this fails (or under autocast, which they allow for)."""
+        layers = self.num_layers * (2 if self.bidirectional else 1)
+        batch = x.shape[1]
+        return (x.dtype == weight_dtype and x.shape[2] == self.input_size
+                and h0.shape == (layers, batch, self.proj_size if self.proj_size > 0 else self.hidden_size)
+                and (c0 is None or c0.shape == (layers, batch, self.hidden_size)))
 
 
 def _check_hidden_dims(hx, dims: int, is_lstm: bool) -> None:
