@@ -17,6 +17,7 @@ import tempfile
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,7 +25,6 @@ from rnnkernels.triton import kernels, launch  # noqa: E402
 
 POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 STATE_BUFFERS = {"h_ptr", "c_ptr", "m_ptr", "dh_ptr", "dc_ptr"}  # float32 whatever the dtype
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 # (cell, projected) and the phase flags as launch.py launches them: all of a step's phases in one program
 # with the grid barrier (the persistent path), or one phase at a time without (the per-step path).
@@ -59,17 +59,19 @@ def signature(fn, dtype: torch.dtype, constants: dict) -> dict:
 
 
 def ptxas_report(ptx: str, arch: int) -> str:
-    if not os.path.exists(PTXAS):
-        return "ptxas not shipped with this triton"
+    # The ptxas Triton compiles with: Triton 3.9 ships two, and only one reads the PTX version it writes.
+    ptxas = get_ptxas(arch).path
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    out = subprocess.run([PTXAS, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull], capture_output=True,
+    out = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull], capture_output=True,
                          text=True).stderr
     os.unlink(f.name)
     registers = re.search(r"Used (\d+) registers", out)
     spills = re.search(r"(\d+) bytes spill stores", out)
-    return f"registers {registers and registers.group(1)}, spill stores {spills and spills.group(1)} bytes"
+    if registers is None or spills is None:
+        sys.exit(f"{ptxas} -v printed no register count:\n{out}")
+    return f"registers {registers.group(1)}, spill stores {spills.group(1)} bytes"
 
 
 def compile_all(arch: int) -> None:

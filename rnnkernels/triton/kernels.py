@@ -39,6 +39,34 @@ import triton.language as tl
 # Whether @triton.jit below builds interpreted functions: it reads the same knob when it decorates.
 INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
 
+
+def _squeeze_scalars_for_range() -> None:
+    """Triton 3.6's interpreter passes a scalar argument as a one-element array and gives range() its
+    int(), which NumPy 2.4 refuses for arrays with a dimension ("only 0-dimensional arrays can be converted
+    to Python scalars"), so every loop over an argument failed. Triton 3.7 squeezes the array first; this
+    does the same in the older interpreter. The squeezing __index__ goes in in place of the other, never
+    after it: the interpreter patches the tensor class again at every call of a jit function inside a
+    kernel, so with programs in threads (tests/triton_threads.py) another program could run in between."""
+    from triton.runtime import interpreter
+
+    patch_tensor_methods = interpreter._patch_lang_tensor
+
+    def squeezed_index(tensor):
+        return int(tensor.handle.data.squeeze())
+
+    class Squeezing:
+        def __init__(self, scope):
+            self.scope = scope
+
+        def set_attr(self, obj, name, value):
+            self.scope.set_attr(obj, name, squeezed_index if name == "__index__" else value)
+
+    interpreter._patch_lang_tensor = lambda tensor, scope: patch_tensor_methods(tensor, Squeezing(scope))
+
+
+if INTERPRETED and tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 7):
+    _squeeze_scalars_for_range()
+
 # ------------------------------------------------------------------------------------- gate math
 # The formulas of rnnkernels/reference.py and csrc/cell_math.h, once per cell, in float32.
 
