@@ -124,7 +124,6 @@ class _RNNBase(_Twin):
             hidden = (h_n.squeeze(1), c_n.squeeze(1)) if is_lstm else h_n.squeeze(1)
         return output, hidden
 
-
     def _well_formed(self, x: Tensor, h0: Tensor, c0: Tensor | None, weight_dtype: torch.dtype) -> bool:
         """Whether an unpacked call passes check_forward_args, in one comparison per tensor: torch.nn's
         checks, with their messages, run only where this fails (or under autocast, which they allow for)."""
