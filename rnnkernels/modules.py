@@ -53,12 +53,23 @@ class _Twin:
 class _RNNBase(_Twin):
     """forward of RNN, GRU and LSTM: torch.nn's contract (batched or not, batch_first, PackedSequence, hx)."""
 
+    # torch.nn's checks of the arguments, which the one-comparison test of _well_formed stands in for only
+    # where a subclass has not replaced any of them.
+    _TORCH_CHECKS = ("check_forward_args", "check_input", "get_expected_hidden_size", "check_hidden_size",
+                     "get_expected_cell_size")
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._checks_are_torch_nn = all(
+            getattr(cls, name, None) is getattr(cls._torch_class, name, None) for name in cls._TORCH_CHECKS)
+
     def _layer_weights(self) -> list[functional.LayerWeights]:
         # From _parameters, as in the cells: a one-step call (generation) pays for every lookup.
         parameters = self._parameters
         try:
             per_layer = [[parameters[name] for name in names] for names in self._all_weights]
-        except KeyError:  # moved out by torch.nn.utils.parametrize, prune or weight_norm: computed on access
+        except KeyError:  # computed on access: under torch.nn.utils.parametrize, prune or weight_norm, and
+            # in DataParallel's replicas, whose _parameters are empty
             per_layer = [[getattr(self, name) for name in names] for names in self._all_weights]
         layers = []
         for params in per_layer:
@@ -102,9 +113,10 @@ class _RNNBase(_Twin):
             h0 = self._zeros(batch, self.proj_size if self.proj_size > 0 else self.hidden_size, x)
             hx = (h0, self._zeros(batch, self.hidden_size, x)) if is_lstm else h0
         weights = self._layer_weights()
-        h0, c0 = (hx[0], hx[1]) if is_lstm else (hx, None)
-        if packed or not self._well_formed(x, h0, c0, weights[0].w_ih.dtype):
+        if packed or not self._checks_are_torch_nn or not self._well_formed(x, hx, is_lstm, weights[0].w_ih.dtype):
+            self._update_flat_weights()  # check_input reads the dtype there, as torch.nn's forward refreshes it
             self.check_forward_args(check_input, hx, check_sizes)
+        h0, c0 = hx if is_lstm else (hx, None)
 
         backend = backends.select(self.backend, x.device, x.dtype)
         output, h_n, c_n = functional.rnn(
@@ -124,14 +136,16 @@ class _RNNBase(_Twin):
             hidden = (h_n.squeeze(1), c_n.squeeze(1)) if is_lstm else h_n.squeeze(1)
         return output, hidden
 
-    def _well_formed(self, x: Tensor, h0: Tensor, c0: Tensor | None, weight_dtype: torch.dtype) -> bool:
+    def _well_formed(self, x: Tensor, hx, is_lstm: bool, weight_dtype: torch.dtype) -> bool:
         """Whether an unpacked call passes check_forward_args, in one comparison per tensor: torch.nn's
         checks, with their messages, run only where this fails (or under autocast, which they allow for)."""
-        layers = self.num_layers * (2 if self.bidirectional else 1)
-        batch = x.shape[1]
-        return (x.dtype == weight_dtype and x.shape[2] == self.input_size
-                and h0.shape == (layers, batch, self.proj_size if self.proj_size > 0 else self.hidden_size)
-                and (c0 is None or c0.shape == (layers, batch, self.hidden_size)))
+        layers, batch = self.num_layers * (2 if self.bidirectional else 1), x.shape[1]
+        h_shape = (layers, batch, self.proj_size if self.proj_size > 0 else self.hidden_size)
+        if is_lstm:
+            if not (isinstance(hx, tuple) and len(hx) == 2 and hx[1].shape == (layers, batch, self.hidden_size)):
+                return False
+            hx = hx[0]
+        return x.dtype == weight_dtype and x.shape[2] == self.input_size and hx.shape == h_shape
 
 
 def _check_hidden_dims(hx, dims: int, is_lstm: bool) -> None:

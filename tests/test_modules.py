@@ -264,6 +264,61 @@ def test_cell_with_parametrized_and_pruned_weights(kind):
         torch.testing.assert_close(ours[name], value, atol=1e-5, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("T", [1, 5], ids=["one_step", "sequence"])
+@pytest.mark.parametrize("kind", list(RNN_KINDS))
+def test_rnn_with_parametrized_and_pruned_weights(kind, T):
+    """The sequence modules read weights that parametrize and prune move out of _parameters as torch.nn
+    does, at one step (generation's path) and over a sequence."""
+    m = torch_module(kind, input_size=I, hidden_size=H, num_layers=2)
+    t = twin(m, "cpu")
+    for module in (m, t):
+        parametrizations.weight_norm(module, "weight_hh_l0")
+        prune.l1_unstructured(module, "weight_ih_l1", amount=0.3)
+    x, hx = rnn_inputs(m, T=T, B=3, hx=True)
+    ours, _ = run(t, x, hx)
+    theirs, _ = run(m, x, hx)
+    assert set(ours) == set(theirs) and "grad_parametrizations.weight_hh_l0.original0" in ours
+    for name, value in theirs.items():
+        torch.testing.assert_close(ours[name], value, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("kind", list(RNN_KINDS))
+def test_rnn_subclass_checks_are_called(kind):
+    """A subclass's own check_forward_args runs on every call, as torch.nn calls it, also where the shapes
+    are the ones torch.nn's checks accept (which rnnkernels otherwise tests in one comparison)."""
+    reference = torch_module(kind, input_size=I, hidden_size=H)
+    base = type(twin(reference))
+    calls = []
+
+    class Checked(base):
+        def check_forward_args(self, input, hidden, batch_sizes):
+            calls.append(input.shape)
+            super().check_forward_args(input, hidden, batch_sizes)
+
+    m = Checked.from_torch(reference)
+    x, hx = rnn_inputs(reference, T=1, B=3, hx=True)
+    m(x, hx)
+    m(x)
+    assert calls == [x.shape, x.shape]
+
+
+@pytest.mark.parametrize("packed", [None, "unsorted"], ids=["padded", "packed"])
+@pytest.mark.parametrize("kind", list(RNN_KINDS))
+def test_rnn_under_functional_call_with_other_weights(kind, packed):
+    """torch.func.functional_call with float64 weights on a float32 module: torch.nn refreshes its flat
+    weights and accepts float64 input, and so does the twin (packed input always takes torch.nn's checks)."""
+    m = torch_module(kind, input_size=I, hidden_size=H)
+    t = twin(m, "cpu")
+    weights = {name: p.detach().double() for name, p in m.named_parameters()}
+    x, hx = rnn_inputs(m, T=4, B=3, hx=True, packed=packed)
+    x, hx = x.double(), tuple(h.double() for h in hx) if isinstance(hx, tuple) else hx.double()
+    theirs = torch.func.functional_call(m, weights, (x, hx))
+    ours = torch.func.functional_call(t, weights, (x, hx))
+    if packed:
+        theirs, ours = (theirs[0].data, theirs[1]), (ours[0].data, ours[1])
+    torch.testing.assert_close(ours, theirs)
+
+
 # -------------------------------------------------------------------------------------------- devices
 @pytest.mark.parametrize("backend", ["auto", "reference", "cpu"])
 @pytest.mark.parametrize("device", DEVICES)

@@ -64,13 +64,15 @@ def ptxas_report(ptx: str, arch: int) -> str:
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    out = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull], capture_output=True,
-                         text=True).stderr
-    os.unlink(f.name)
+    try:
+        out = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull], capture_output=True,
+                             text=True).stderr
+    finally:
+        os.unlink(f.name)
     registers = re.search(r"Used (\d+) registers", out)
     spills = re.search(r"(\d+) bytes spill stores", out)
     if registers is None or spills is None:
-        sys.exit(f"{ptxas} -v printed no register count:\n{out}")
+        raise RuntimeError(f"{ptxas} -v printed no register count:\n{out}")
     return f"registers {registers.group(1)}, spill stores {spills.group(1)} bytes"
 
 

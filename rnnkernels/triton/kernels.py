@@ -40,7 +40,7 @@ import triton.language as tl
 INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
 
 
-def _squeeze_scalars_for_range() -> None:
+def _squeeze_scalar_index() -> None:
     """Triton 3.6's interpreter passes a scalar argument as a one-element array and gives range() its
     int(), which NumPy 2.4 refuses for arrays with a dimension ("only 0-dimensional arrays can be converted
     to Python scalars"), so every loop over an argument failed. Triton 3.7 squeezes the array first; this
@@ -54,18 +54,21 @@ def _squeeze_scalars_for_range() -> None:
     def squeezed_index(tensor):
         return int(tensor.handle.data.squeeze())
 
-    class Squeezing:
+    class Squeezing:  # the patch scope, but for the one method
         def __init__(self, scope):
             self.scope = scope
 
         def set_attr(self, obj, name, value):
             self.scope.set_attr(obj, name, squeezed_index if name == "__index__" else value)
 
+        def __getattr__(self, name):
+            return getattr(self.scope, name)
+
     interpreter._patch_lang_tensor = lambda tensor, scope: patch_tensor_methods(tensor, Squeezing(scope))
 
 
-if INTERPRETED and tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 7):
-    _squeeze_scalars_for_range()
+if INTERPRETED and tuple(int(part) for part in triton.__version__.split(".")[:2]) == (3, 6):
+    _squeeze_scalar_index()
 
 # ------------------------------------------------------------------------------------- gate math
 # The formulas of rnnkernels/reference.py and csrc/cell_math.h, once per cell, in float32.
