@@ -18,38 +18,58 @@ template <typename T>
 struct Fn;
 
 #if !defined(__CUDA_ARCH__)
-// Host float exp and tanh without branches or library calls, so that the compiler vectorises the
-// CPU kernels' loops over the hidden units (glibc's expf/tanhf are scalar calls). Cephes' expf
-// reduction and polynomial; tanh by its odd polynomial near 0 and by exp further out. Both within a
-// few float ulps, which tests/test_cell_math.py checks against float64.
-inline float host_expf(float x) {
-  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+// Host float exp and tanh without branches or library calls, so that they vectorise (glibc's expf/tanhf
+// are scalar calls): Cephes' expf reduction and polynomial; tanh by its odd polynomial near 0 and by exp
+// further out. Both within a few float ulps, which tests/test_cell_math.py checks against float64.
+// T is float, or the 16 lanes of csrc/cpu/float_lanes.h, which defines these primitives for them.
+
+// x clamped to [lo, hi]; NaN stays NaN.
+inline float clamped(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+// x rounded to an integer, half to even. NaN gives 0, so that NaN goes on through x, not an int cast.
+inline float rounded(float x) {
   const float round_magic = 12582912.f;  // 1.5 * 2^23: adding and subtracting rounds to an integer
-  const float rounded = (x * 1.44269504088896341f + round_magic) - round_magic;
-  const float n = rounded == rounded ? rounded : 0.f;  // NaN goes on through x, not through an int cast
+  const float r = (x + round_magic) - round_magic;
+  return r == r ? r : 0.f;
+}
+
+// y * 2^n for an integer n in [-126, 127].
+inline float times_exp2(float y, float n) { return y * __builtin_bit_cast(float, (static_cast<int>(n) + 127) << 23); }
+
+inline float magnitude(float x) { return x < 0.f ? -x : x; }
+
+// m >= 0 with the sign of x.
+inline float with_sign_of(float m, float x) { return x < 0.f ? -m : m; }
+
+// a < limit ? then : otherwise, false for NaN.
+inline float where_below(float a, float limit, float then, float otherwise) { return a < limit ? then : otherwise; }
+
+template <typename T>
+inline T host_exp(T x) {
+  x = clamped(x, -87.3f, 88.3f);
+  const T n = rounded(x * 1.44269504088896341f);
   x = x - n * 0.693359375f - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  T p = 1.9875691500e-4f;
   p = p * x + 1.3981999507e-3f;
   p = p * x + 8.3334519073e-3f;
   p = p * x + 4.1665795894e-2f;
   p = p * x + 1.6666665459e-1f;
   p = p * x + 5.0000001201e-1f;
-  const float y = p * x * x + x + 1.f;
-  return y * __builtin_bit_cast(float, (static_cast<int>(n) + 127) << 23);
+  return times_exp2(p * x * x + x + 1.f, n);
 }
 
-inline float host_tanhf(float x) {
-  const float z = x * x;
-  float p = -5.70498872745e-3f;
+template <typename T>
+inline T host_tanh(T x) {
+  const T z = x * x;
+  T p = -5.70498872745e-3f;
   p = p * z + 2.06390887954e-2f;
   p = p * z - 5.37397155531e-2f;
   p = p * z + 1.33314422036e-1f;
   p = p * z - 3.33332819422e-1f;
-  const float near_zero = p * z * x + x;
-  const float ax = x < 0.f ? -x : x;
-  const float far = 1.f - 2.f / (host_expf(2.f * ax) + 1.f);
-  const float far_signed = x < 0.f ? -far : far;
-  return ax < 0.625f ? near_zero : far_signed;
+  const T near_zero = p * z * x + x;
+  const T ax = magnitude(x);
+  const T far = T(1.f) - T(2.f) / (host_exp(ax + ax) + 1.f);
+  return where_below(ax, 0.625f, near_zero, with_sign_of(far, x));
 }
 #endif
 
@@ -59,8 +79,8 @@ struct Fn<float> {
   static RK_HD float exp(float x) { return ::expf(x); }
   static RK_HD float tanh(float x) { return ::tanhf(x); }
 #else
-  static RK_HD float exp(float x) { return host_expf(x); }
-  static RK_HD float tanh(float x) { return host_tanhf(x); }
+  static RK_HD float exp(float x) { return host_exp(x); }
+  static RK_HD float tanh(float x) { return host_tanh(x); }
 #endif
   static RK_HD float relu(float x) { return x > 0.f || x != x ? x : 0.f; }  // NaN stays NaN
   static RK_HD float positive(float x) { return x <= 0.f ? 0.f : 1.f; }  // as torch: NaN passes

@@ -22,28 +22,35 @@ def special_points() -> torch.Tensor:
     return torch.cat([grid, edges, edges.nextafter(torch.tensor(float("inf")))]).float()
 
 
-def test_sigmoid_and_tanh_within_two_ulps():
+@pytest.mark.parametrize("hidden", [1, 19], ids=["one-unit", "vector-and-tail"])
+def test_sigmoid_and_tanh_within_two_ulps(hidden):
     """One LSTM step with w_hh = 0, c0 = 0 stores sigmoid(i), sigmoid(f), tanh(g), sigmoid(o) of the raw
-    pre-activations in its workspace; the rnn_tanh output is tanh of them. All within 2 float ulps."""
-    x = special_points()
+    pre-activations in its workspace; the rnn_tanh output is tanh of them. All within 2 float ulps. The
+    points lie along rows of `hidden` units: 19 takes the kernels through a whole vector of 16 units and
+    a masked tail of 3 (csrc/cpu/float_lanes.h)."""
+    points = special_points()
+    rows = -(-points.numel() // hidden)
+    x = torch.cat([points, points[: rows * hidden - points.numel()]])
     n = x.numel()
-    gx = x.view(1, n, 1).repeat(1, 1, 4).contiguous()
-    _, _, _, ws = ops.forward_op("lstm")(gx, torch.zeros(n, 1), torch.zeros(n, 1), torch.zeros(4, 1), None, None, None, False)
-    out, _, _, _ = ops.forward_op("rnn_tanh")(x.view(1, n, 1), torch.zeros(n, 1), None, torch.zeros(1, 1), None, None, None, False)
-    relu, _, _, _ = ops.forward_op("rnn_relu")(x.view(1, n, 1), torch.zeros(n, 1), None, torch.zeros(1, 1), None, None, None, False)
+    gx = x.view(1, rows, hidden, 1).expand(1, rows, hidden, 4).transpose(2, 3).reshape(1, rows, 4 * hidden)
+    zeros = torch.zeros(rows, hidden)
+    _, _, _, ws = ops.forward_op("lstm")(gx.contiguous(), zeros, zeros, torch.zeros(4 * hidden, hidden), None, None, None, False)
+    gates = ws.view(rows, 5, hidden).transpose(0, 1).reshape(5, n)
+    rnn = [ops.forward_op(cell)(x.view(1, rows, hidden), zeros, None, torch.zeros(hidden, hidden), None, None, None, False)[0].reshape(n)
+           for cell in ("rnn_tanh", "rnn_relu")]
     exact = {"sigmoid": torch.sigmoid(x.double()), "tanh": torch.tanh(x.double())}
-    for name, got in [("sigmoid", ws[0, :, 0]), ("sigmoid", ws[0, :, 1]), ("tanh", ws[0, :, 2]),
-                      ("sigmoid", ws[0, :, 3]), ("tanh", out[0, :, 0])]:
+    for name, got in [("sigmoid", gates[0]), ("sigmoid", gates[1]), ("tanh", gates[2]), ("sigmoid", gates[3]),
+                      ("tanh", rnn[0])]:
         err = (got.double() - exact[name]).abs()
         assert err.max().item() <= 2 * F32_EPS, (name, err.max().item(), x[err.argmax()].item())
         big = exact[name].abs() > 1e-30
         rel = (err[big] / exact[name][big].abs()).max().item()
         assert rel <= 4 * F32_EPS, (name, rel)
         assert bool(((got >= -1) & (got <= 1)).all()), name
-    assert torch.equal(relu[0, :, 0], x.clamp_min(0))
+    assert torch.equal(rnn[1], x.clamp_min(0))
     # saturation is exact where float rounds to it
-    assert ws[0, x > 20, 0].eq(1).all() and ws[0, x < -90, 0].lt(1e-38).all()
-    assert ws[0, x > 10, 2].eq(1).all() and ws[0, x < -10, 2].eq(-1).all()
+    assert gates[0, x > 20].eq(1).all() and gates[0, x < -90].lt(1e-38).all()
+    assert gates[2, x > 10].eq(1).all() and gates[2, x < -10].eq(-1).all()
 
 
 CASES = [("lstm", False), ("lstm", True), ("gru", False), ("rnn_tanh", False), ("rnn_relu", False)]

@@ -86,7 +86,7 @@ inline PanelWeight pack_panels(const at::Tensor& w, const std::optional<at::Tens
   p.columns = p.blocks * width;
   p.k_stride = width;
   p.block_stride = K * width;
-  p.storage = at::zeros({p.blocks, K, width}, w.options());
+  p.storage = at::empty({p.blocks, K, width}, w.options());
   p.data = p.storage.data_ptr<float>();
   p.bias = at::zeros({p.blocks, width}, w.options());
   const float* src = w.data_ptr<float>();
@@ -94,28 +94,29 @@ inline PanelWeight pack_panels(const at::Tensor& w, const std::optional<at::Tens
   const float* bias = b.has_value() ? b->data_ptr<float>() : nullptr;
   float* dst = p.storage.data_ptr<float>();
   float* dst_bias = p.bias.data_ptr<float>();
-  at::parallel_for(0, p.blocks, 1, [&](int64_t begin, int64_t end) {
-    int64_t source[4 * kLanes];  // per column of the block, its row of w (gate col / 16 of unit blk * 16 +
-                                 // col % 16, or a plain column), or -1 past H
-    for (int64_t blk = begin; blk < end; ++blk) {
-      for (int64_t col = 0; col < width; ++col) {
-        const int64_t unit = gates > 1 ? blk * kLanes + col % kLanes : blk * p.units + col;
-        source[col] = unit >= H ? -1 : (gates > 1 ? (col / kLanes) * H + unit : unit);
-        if (bias && source[col] >= 0) dst_bias[blk * width + col] = bias[source[col]];
-      }
-      // Along whichever of w's dimensions is contiguous in memory.
-      float* block = dst + blk * K * width;
-      if (sk == 1) {
-        for (int64_t col = 0; col < width; ++col) {
-          const float* w_row = src + source[col] * sn;
-          for (int64_t k = 0; source[col] >= 0 && k < K; ++k) block[k * width + col] = w_row[k];
+  // Panel q of block blk holds rows first .. first + count - 1 of w (gate q of units blk * 16.., or the
+  // plain rows blk * 64 + q * 16..), zeros after them.
+  at::parallel_for(0, p.blocks * p.panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t panel = begin; panel < end; ++panel) {
+      const int64_t blk = panel / p.panels, q = panel % p.panels;
+      const int64_t unit = gates > 1 ? blk * kLanes : blk * p.units + q * kLanes;
+      const int64_t count = std::clamp<int64_t>(H - unit, 0, kLanes);
+      const int64_t first = count > 0 ? (gates > 1 ? q * H + unit : unit) : 0;
+      const float* rows = src + first * sn;
+      float* out = dst + blk * K * width + q * kLanes;
+      if (bias) std::copy_n(bias + first, count, dst_bias + blk * width + q * kLanes);
+      // Along whichever of w's dimensions is contiguous in memory; along k in strips of 16 rows, so that
+      // the strip of the panel being written stays in L1.
+      constexpr int64_t kStrip = 16;
+      for (int64_t k0 = 0; k0 < K; k0 += kStrip) {
+        const int64_t k1 = std::min(K, k0 + kStrip);
+        if (sn == 1) {
+          for (int64_t k = k0; k < k1; ++k) std::copy_n(rows + k * sk, count, out + k * width);
+        } else {
+          for (int64_t c = 0; c < count; ++c)
+            for (int64_t k = k0; k < k1; ++k) out[k * width + c] = rows[c * sn + k * sk];
         }
-      } else {
-        for (int64_t k = 0; k < K; ++k) {
-          for (int64_t col = 0; col < width; ++col) {
-            if (source[col] >= 0) block[k * width + col] = src[source[col] * sn + k * sk];
-          }
-        }
+        for (int64_t k = k0; count < kLanes && k < k1; ++k) std::fill(out + k * width + count, out + k * width + kLanes, 0.f);
       }
     }
   });

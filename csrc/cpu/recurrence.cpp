@@ -14,6 +14,7 @@
 
 #include "../cell_math.h"
 #include "../recurrence_args.h"
+#include "float_lanes.h"
 #include "panels.h"
 
 namespace rnnkernels {
@@ -171,50 +172,55 @@ scalar_t* row(const Tensor& t, int64_t index, int64_t width) {
   return t.data_ptr<scalar_t>() + index * width;
 }
 
-// Row kernels: one (t, b) over `n` hidden units, the gates of a unit `xs` apart in x and the workspace
-// and `rs` apart in the recurrent part r (H for a whole row; 16 for a tile of the panel kernels).
-// Separate functions with restrict-qualified pointers so that the compiler vectorises them (float: the
-// host math in cell_math.h has no calls or branches).
-template <bool keep, typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+// Row kernels: one (t, b) over `n` hidden units, Lanes<scalar_t>::width at a time (float_lanes.h), the
+// gates of a unit `xs` apart in x and the workspace and `rs` apart in the recurrent part r (H for a whole
+// row; 16 for a tile of the panel kernels). L::load(p + j, n - j) reads the units from j on.
+template <bool keep, typename scalar_t, typename L = Lanes<scalar_t>>
 void lstm_forward_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, scalar_t* __restrict__ ws,
                       scalar_t* __restrict__ c, scalar_t* __restrict__ h, int64_t n, int64_t xs, int64_t rs) {
-  for (int64_t j = 0; j < n; ++j) {
-    const LstmForward<opmath_t> s(opmath_t(x[j]) + opmath_t(r[j]), opmath_t(x[xs + j]) + opmath_t(r[rs + j]),
-                                  opmath_t(x[2 * xs + j]) + opmath_t(r[2 * rs + j]),
-                                  opmath_t(x[3 * xs + j]) + opmath_t(r[3 * rs + j]), opmath_t(c[j]));
+  for (int64_t j = 0; j < n; j += L::width) {
+    const int64_t left = n - j;
+    const auto pre = [&](int64_t g) { return L::load(x + g * xs + j, left) + L::load(r + g * rs + j, left); };
+    const LstmForward<typename L::type> s(pre(0), pre(1), pre(2), pre(3), L::load(c + j, left));
     if constexpr (keep) {
-      ws[j] = s.i;
-      ws[xs + j] = s.f;
-      ws[2 * xs + j] = s.g;
-      ws[3 * xs + j] = s.o;
-      ws[4 * xs + j] = s.c;
+      L::store(ws + j, s.i, left);
+      L::store(ws + xs + j, s.f, left);
+      L::store(ws + 2 * xs + j, s.g, left);
+      L::store(ws + 3 * xs + j, s.o, left);
+      L::store(ws + 4 * xs + j, s.c, left);
     }
-    c[j] = s.c;
-    h[j] = s.h;
+    L::store(c + j, s.c, left);
+    L::store(h + j, s.h, left);
   }
 }
 
 // h_prev and h may be the same row (the state updated in place).
-template <bool keep, typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+template <bool keep, typename scalar_t, typename L = Lanes<scalar_t>>
 void gru_forward_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, scalar_t* __restrict__ ws,
                      const scalar_t* h_prev, scalar_t* h, int64_t n, int64_t xs, int64_t rs) {
-  for (int64_t j = 0; j < n; ++j) {
-    const GruForward<opmath_t> s(opmath_t(x[j]) + opmath_t(r[j]), opmath_t(x[xs + j]) + opmath_t(r[rs + j]),
-                                 opmath_t(x[2 * xs + j]), opmath_t(r[2 * rs + j]), opmath_t(h_prev[j]));
+  for (int64_t j = 0; j < n; j += L::width) {
+    const int64_t left = n - j;
+    const auto hn = L::load(r + 2 * rs + j, left);
+    const GruForward<typename L::type> s(L::load(x + j, left) + L::load(r + j, left),
+                                         L::load(x + xs + j, left) + L::load(r + rs + j, left),
+                                         L::load(x + 2 * xs + j, left), hn, L::load(h_prev + j, left));
     if constexpr (keep) {
-      ws[j] = s.r;
-      ws[xs + j] = s.z;
-      ws[2 * xs + j] = s.n;
-      ws[3 * xs + j] = r[2 * rs + j];
+      L::store(ws + j, s.r, left);
+      L::store(ws + xs + j, s.z, left);
+      L::store(ws + 2 * xs + j, s.n, left);
+      L::store(ws + 3 * xs + j, hn, left);
     }
-    h[j] = s.h;
+    L::store(h + j, s.h, left);
   }
 }
 
-template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+template <typename scalar_t, typename L = Lanes<scalar_t>>
 void rnn_forward_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, scalar_t* __restrict__ h,
                      int64_t n, bool relu) {
-  for (int64_t j = 0; j < n; ++j) h[j] = rnn_forward(opmath_t(x[j]) + opmath_t(r[j]), relu);
+  for (int64_t j = 0; j < n; j += L::width) {
+    const int64_t left = n - j;
+    L::store(h + j, rnn_forward(L::load(x + j, left) + L::load(r + j, left), relu), left);
+  }
 }
 
 // The forward row kernel of `cell` (arguments as above): c is the LSTM's cell state, updated in place;
@@ -232,49 +238,69 @@ inline void cell_forward_row(bool keep, const scalar_t* x, const scalar_t* r, sc
 }
 
 // Backward row kernels: `n` units of one (t, b), the gates of a unit H apart.
-template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+template <typename scalar_t, typename L = Lanes<scalar_t>>
 void lstm_backward_row(const scalar_t* __restrict__ dh, const scalar_t* __restrict__ ws,
                        const scalar_t* __restrict__ c_prev, scalar_t* __restrict__ dc, scalar_t* __restrict__ dx,
                        int64_t n, int64_t H) {
-  for (int64_t j = 0; j < n; ++j) {
-    const LstmBackward<opmath_t> s(opmath_t(dh[j]), opmath_t(dc[j]), opmath_t(ws[j]), opmath_t(ws[H + j]),
-                                   opmath_t(ws[2 * H + j]), opmath_t(ws[3 * H + j]), opmath_t(ws[4 * H + j]),
-                                   opmath_t(c_prev[j]));
-    dx[j] = s.d_i;
-    dx[H + j] = s.d_f;
-    dx[2 * H + j] = s.d_g;
-    dx[3 * H + j] = s.d_o;
-    dc[j] = s.dc_prev;
+  for (int64_t j = 0; j < n; j += L::width) {
+    const int64_t left = n - j;
+    const auto gate = [&](int64_t g) { return L::load(ws + g * H + j, left); };
+    const LstmBackward<typename L::type> s(L::load(dh + j, left), L::load(dc + j, left), gate(0), gate(1), gate(2),
+                                           gate(3), gate(4), L::load(c_prev + j, left));
+    L::store(dx + j, s.d_i, left);
+    L::store(dx + H + j, s.d_f, left);
+    L::store(dx + 2 * H + j, s.d_g, left);
+    L::store(dx + 3 * H + j, s.d_o, left);
+    L::store(dc + j, s.dc_prev, left);
   }
 }
 
 // The projected LSTM's pre-projection output o * tanh(c), recomputed for dW_hr.
-template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+template <typename scalar_t, typename L = Lanes<scalar_t>>
 void lstm_unprojected_row(const scalar_t* __restrict__ ws, scalar_t* __restrict__ m, int64_t n, int64_t H) {
-  for (int64_t j = 0; j < n; ++j) m[j] = opmath_t(ws[3 * H + j]) * Fn<opmath_t>::tanh(opmath_t(ws[4 * H + j]));
-}
-
-template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
-void gru_backward_row(const scalar_t* __restrict__ dh, const scalar_t* __restrict__ ws,
-                      const scalar_t* __restrict__ h_prev, scalar_t* __restrict__ dx, scalar_t* __restrict__ dhh,
-                      scalar_t* __restrict__ direct, int64_t n, int64_t H) {
-  for (int64_t j = 0; j < n; ++j) {
-    const GruBackward<opmath_t> s(opmath_t(dh[j]), opmath_t(ws[j]), opmath_t(ws[H + j]), opmath_t(ws[2 * H + j]),
-                                  opmath_t(ws[3 * H + j]), opmath_t(h_prev[j]));
-    dx[j] = s.d_r;
-    dx[H + j] = s.d_z;
-    dx[2 * H + j] = s.d_xn;
-    dhh[j] = s.d_r;
-    dhh[H + j] = s.d_z;
-    dhh[2 * H + j] = s.d_hn;
-    direct[j] = s.dh_direct;
+  for (int64_t j = 0; j < n; j += L::width) {
+    const int64_t left = n - j;
+    L::store(m + j, L::load(ws + 3 * H + j, left) * Fn<typename L::type>::tanh(L::load(ws + 4 * H + j, left)), left);
   }
 }
 
-template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+template <typename scalar_t, typename L = Lanes<scalar_t>>
+void gru_backward_row(const scalar_t* __restrict__ dh, const scalar_t* __restrict__ ws,
+                      const scalar_t* __restrict__ h_prev, scalar_t* __restrict__ dx, scalar_t* __restrict__ dhh,
+                      scalar_t* __restrict__ direct, int64_t n, int64_t H) {
+  for (int64_t j = 0; j < n; j += L::width) {
+    const int64_t left = n - j;
+    const auto gate = [&](int64_t g) { return L::load(ws + g * H + j, left); };
+    const GruBackward<typename L::type> s(L::load(dh + j, left), gate(0), gate(1), gate(2), gate(3),
+                                          L::load(h_prev + j, left));
+    L::store(dx + j, s.d_r, left);
+    L::store(dx + H + j, s.d_z, left);
+    L::store(dx + 2 * H + j, s.d_xn, left);
+    L::store(dhh + j, s.d_r, left);
+    L::store(dhh + H + j, s.d_z, left);
+    L::store(dhh + 2 * H + j, s.d_hn, left);
+    L::store(direct + j, s.dh_direct, left);
+  }
+}
+
+template <typename scalar_t, typename L = Lanes<scalar_t>>
 void rnn_backward_row(const scalar_t* __restrict__ dh, const scalar_t* __restrict__ h, scalar_t* __restrict__ dx,
                       int64_t n, bool relu) {
-  for (int64_t j = 0; j < n; ++j) dx[j] = rnn_backward(opmath_t(dh[j]), opmath_t(h[j]), relu);
+  for (int64_t j = 0; j < n; j += L::width) {
+    const int64_t left = n - j;
+    L::store(dx + j, rnn_backward(L::load(dh + j, left), L::load(h + j, left), relu), left);
+  }
+}
+
+// Asks for the cache lines of units [j0, j0 + n) of `rows` rows `stride` apart from p on, a step ahead of
+// their use: a tile touches a few lines of each row of the sweep's big (T, B, ...) buffers, which stream
+// from memory, in a pattern the hardware prefetcher does not follow. for_write: lines about to be written.
+template <bool for_write = false, typename scalar_t>
+inline void prefetch_rows(const scalar_t* p, int64_t rows, int64_t stride, int64_t n) {
+  constexpr int64_t kLine = 64 / sizeof(scalar_t);
+  for (int64_t g = 0; g < rows; ++g) {
+    for (int64_t j = 0; j < n; j += kLine) __builtin_prefetch(p + g * stride + j, for_write ? 1 : 0);
+  }
 }
 
 // Whether the panel kernels (panels.h) run a float32 recurrence of `steps` steps: built for AVX-512, no
@@ -317,6 +343,11 @@ void forward_panels(const RecurrenceDims& d, const Steps& steps, const Tensor& g
       float* c_row = cell == Cell::LSTM ? c_data + b * H + j0 : nullptr;
       cell_forward_row<cell>(keep, x, pre, ws, c_row, h_prev, h_next, n, H, kLanes);
       if (!state_in_output) std::memcpy(out_t + b * H + j0, h_next, sizeof(float) * n);
+      if (step + 1 < d.T) {
+        const int64_t ahead = steps.time(step + 1) * B + b;
+        prefetch_rows(gx_data + ahead * GH + j0, d.G, H, n);
+        if (keep) prefetch_rows<true>(ws_data + ahead * W + j0, W / H, H, n);
+      }
     };
     panel_product(pw, PanelRows{cur, B, H, 1}, [&](const PanelTile& tile) {
       for (int r = 0; r < tile.rows; ++r) {
@@ -438,6 +469,12 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
               if (t_next >= 0 && steps.active(t_next, b)) {
                 add_output_grad(t_next, b, j0, n);
                 gate_grads(t_next, b, row<float>(dh, b, H) + j0, j0, n);
+              }
+              if (step >= 2) {
+                const int64_t ahead = steps.time(step - 2) * B + b;
+                if (W) prefetch_rows(row<float>(workspace, ahead, W) + j0, W / H, H, n);
+                prefetch_rows(row<float>(grad_output, ahead, P) + j0, 1, 0, n);
+                prefetch_rows<true>(row<float>(grad_gx, ahead, GH) + j0, d.G, H, n);
               }
             });
           }
