@@ -2,7 +2,8 @@
 
 Per layer and direction: the input projection of all time steps as one GEMM, then the recurrence, both
 on the chosen backend (a single time step goes to the backend's step instead); dropout between layers as
-torch.nn applies it.
+torch.nn applies it. Where nothing records gradients on the CPU and the projection of the whole sequence
+would be large, both go in chunks of time steps instead (_layer_in_chunks).
 """
 
 from __future__ import annotations
@@ -33,6 +34,46 @@ def _dropout(x: Tensor, p: float, lengths: Tensor | None) -> Tensor:
     return pad_packed_sequence(dropped, total_length=x.size(0))[0]
 
 
+# The CPU projection of a whole sequence above _CHUNKED_FROM_BYTES (long-seq's is 65 MB) comes from fresh
+# pages at every call, whose faults cost about a third of the forward pass; in chunks of about
+# _CHUNK_BYTES it stays in cache and its memory is reused.
+_CHUNKED_FROM_BYTES = 16 << 20
+_CHUNK_BYTES = 4 << 20
+
+
+def _chunk_steps(x: Tensor, w: LayerWeights) -> int | None:
+    """Time steps per chunk for the layer's projection, or None to take the whole sequence at once:
+    chunks only on the CPU, and only where autograd records nothing (a chunked backward would pack W_hh
+    once per chunk). Each chunk's recurrence packs W_hh (G*H x P) anew, so a chunk has at least P rows
+    of x, which keeps the packing below the chunk's own projection (rows x G*H)."""
+    step_bytes = x.size(1) * w.w_ih.size(0) * x.element_size()
+    if x.device.type != "cpu" or x.size(0) * step_bytes <= _CHUNKED_FROM_BYTES:
+        return None
+    tensors = (x, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return None
+    steps = max(_CHUNK_BYTES // step_bytes, -(-w.w_hh.size(1) // x.size(1)))
+    return steps if steps < x.size(0) else None
+
+
+def _layer_in_chunks(cell, x, h0, c0, w: LayerWeights, lengths, reverse, backend, steps: int):
+    """backend.recurrence over backend.linear(x) as the whole sequence would give it, chunk by chunk of
+    `steps` time steps, the state carried from chunk to chunk (reverse: from the last chunk to the first).
+    Within chunk [t0, t1) sequence b has lengths[b] - t0 steps, clamped to the chunk: after its end none,
+    and in reverse it starts where it ends, from the state no later chunk has touched."""
+    T = x.size(0)
+    starts = range(0, T, steps)
+    outputs: list[Tensor] = [None] * len(starts)  # type: ignore[list-item]
+    h, c = h0, c0
+    for index in reversed(range(len(starts))) if reverse else range(len(starts)):
+        t0 = starts[index]
+        t1 = min(T, t0 + steps)
+        chunk_lengths = None if lengths is None else (lengths - t0).clamp(0, t1 - t0)
+        gx = backend.linear(x[t0:t1], w.w_ih, w.b_ih)
+        outputs[index], h, c = backend.recurrence(cell, gx, h, c, w.w_hh, w.b_hh, w.w_hr, chunk_lengths, reverse)
+    return torch.cat(outputs), h, c
+
+
 def rnn(
     cell: str,
     x: Tensor,
@@ -59,6 +100,8 @@ def rnn(
             if x.size(0) == 1 and lengths is None:  # one step, as in generation: one fused call
                 h, c = backend.step(cell, x[0], h0[index], c_start, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr)
                 out = h.unsqueeze(0)
+            elif (steps := _chunk_steps(x, w)) is not None:
+                out, h, c = _layer_in_chunks(cell, x, h0[index], c_start, w, lengths, direction == 1, backend, steps)
             else:
                 gx = backend.linear(x, w.w_ih, w.b_ih)
                 out, h, c = backend.recurrence(

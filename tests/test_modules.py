@@ -9,6 +9,7 @@ from torch.nn.utils import parametrizations, prune
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnkernels
+from rnnkernels import functional
 from helpers import (
     BACKENDS,
     CELL_KINDS,
@@ -131,6 +132,57 @@ def test_rnn_longer_and_wider(kind, backend):
     t = twin(m, backend)
     x, hx = rnn_inputs(m, T=23, B=9, hx=True, packed="unsorted")
     check_twin(m, t, x, hx)
+
+
+CHUNKED_CASES = [("LSTM", "proj_packed_unsorted_hx_bidir"), ("LSTM", "two_layers_bidirectional_hx"),
+                 ("GRU", "packed_unsorted_hx_bidir_two_layers"), ("GRU", "unbatched_hx_batch_first_bidir_two_layers"),
+                 ("RNN_tanh", "packed_sorted_hx_two_layers"), ("RNN_relu", "batch_first_two_layers_hx")]
+
+
+def chunks_of_three_steps(monkeypatch, module, batch) -> list:
+    """Makes functional.rnn take every layer in chunks of 3 time steps (_layer_in_chunks), or of as many
+    as W_hh has columns over the batch where that is more; returns the list that records (T, steps per
+    chunk) of each chunked layer."""
+    step_bytes = batch * module.weight_ih_l0.shape[0] * module.weight_ih_l0.element_size()
+    monkeypatch.setattr(functional, "_CHUNKED_FROM_BYTES", 0)
+    monkeypatch.setattr(functional, "_CHUNK_BYTES", 3 * step_bytes)
+    calls, chunked = [], functional._layer_in_chunks
+
+    def recording(cell, x, *args):
+        calls.append((x.size(0), args[-1]))
+        return chunked(cell, x, *args)
+
+    monkeypatch.setattr(functional, "_layer_in_chunks", recording)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,case", CHUNKED_CASES, ids=[f"{k}-{c}" for k, c in CHUNKED_CASES])
+def test_inference_in_chunks_of_time_steps(kind, case, backend, dtype, monkeypatch):
+    """CPU inference whose input projection would be large runs in chunks of time steps, the state carried
+    between them: here 10 steps in chunks of 3 (the last of 1; unbatched, of 6), sequences ending inside
+    a chunk, at its end and at T, both directions."""
+    module_kw, input_kw = {**RNN_CASES, **LSTM_CASES}[case]
+    m = torch_module(kind, dtype=dtype, input_size=I, hidden_size=H, **module_kw).eval()
+    t = twin(m, backend)
+    lengths = [10, 7, 6, 3] if input_kw.get("packed") == "sorted" else [7, 10, 3, 6]
+    x, hx = rnn_inputs(m, T=10, B=4, **input_kw, lengths=lengths if "packed" in input_kw else None)
+    calls = chunks_of_three_steps(monkeypatch, m, batch=1 if input_kw.get("unbatched") else 4)
+    check_twin(m, t, x, hx, backward=False)
+    assert len(calls) == m.num_layers * (2 if m.bidirectional else 1)
+    assert all(T == 10 and steps < 10 for T, steps in calls), calls
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_training_takes_the_whole_sequence_at_once(kind, monkeypatch):
+    """Where autograd records, the layer is one projection and one recurrence, chunked or not."""
+    m = torch_module(kind, dtype=torch.float32, input_size=I, hidden_size=H, num_layers=2, bidirectional=True)
+    t = twin(m, "cpu")
+    x, hx = rnn_inputs(m, T=10, B=4, hx=True)
+    calls = chunks_of_three_steps(monkeypatch, m, batch=4)
+    check_twin(m, t, x, hx)
+    assert calls == []
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
