@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import backends
+from . import backends, ops
 
 
 class LayerWeights:
@@ -41,7 +41,7 @@ _CHUNKED_FROM_BYTES = 16 << 20
 _CHUNK_BYTES = 4 << 20
 
 
-def _chunk_steps(x: Tensor, w: LayerWeights) -> int | None:
+def _chunk_steps(x: Tensor, h0: Tensor, c0: Tensor | None, w: LayerWeights) -> int | None:
     """Time steps per chunk for the layer's projection, or None to take the whole sequence at once:
     chunks only on the CPU, and only where autograd records nothing (a chunked backward would pack W_hh
     once per chunk). Each chunk's recurrence packs W_hh (G*H x P) anew, so a chunk has at least P rows
@@ -49,8 +49,7 @@ def _chunk_steps(x: Tensor, w: LayerWeights) -> int | None:
     step_bytes = x.size(1) * w.w_ih.size(0) * x.element_size()
     if x.device.type != "cpu" or x.size(0) * step_bytes <= _CHUNKED_FROM_BYTES:
         return None
-    tensors = (x, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if ops.needs_workspace((x, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr)):
         return None
     steps = max(_CHUNK_BYTES // step_bytes, -(-w.w_hh.size(1) // x.size(1)))
     return steps if steps < x.size(0) else None
@@ -100,7 +99,7 @@ def rnn(
             if x.size(0) == 1 and lengths is None:  # one step, as in generation: one fused call
                 h, c = backend.step(cell, x[0], h0[index], c_start, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr)
                 out = h.unsqueeze(0)
-            elif (steps := _chunk_steps(x, w)) is not None:
+            elif (steps := _chunk_steps(x, h0[index], c_start, w)) is not None:
                 out, h, c = _layer_in_chunks(cell, x, h0[index], c_start, w, lengths, direction == 1, backend, steps)
             else:
                 gx = backend.linear(x, w.w_ih, w.b_ih)

@@ -174,14 +174,24 @@ def test_inference_in_chunks_of_time_steps(kind, case, backend, dtype, monkeypat
     assert all(T == 10 and steps < 10 for T, steps in calls), calls
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["all_grads", "only_hx_grads"])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
-def test_training_takes_the_whole_sequence_at_once(kind, monkeypatch):
-    """Where autograd records, the layer is one projection and one recurrence, chunked or not."""
+def test_training_takes_the_whole_sequence_at_once(kind, frozen, monkeypatch):
+    """Where autograd records (for the parameters, or for hx alone), the layer is one projection and one
+    recurrence, however large."""
     m = torch_module(kind, dtype=torch.float32, input_size=I, hidden_size=H, num_layers=2, bidirectional=True)
     t = twin(m, "cpu")
+    for p in [*m.parameters(), *t.parameters()] if frozen else []:
+        p.requires_grad_(False)
     x, hx = rnn_inputs(m, T=10, B=4, hx=True)
     calls = chunks_of_three_steps(monkeypatch, m, batch=4)
-    check_twin(m, t, x, hx)
+    if frozen:
+        states = hx if isinstance(hx, tuple) else (hx,)
+        states = tuple(s.requires_grad_(True) for s in states)
+        t(x.requires_grad_(False), states if kind == "LSTM" else states[0])[0].sum().backward()
+        assert all(s.grad is not None for s in states)
+    else:
+        check_twin(m, t, x, hx)
     assert calls == []
 
 
