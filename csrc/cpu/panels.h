@@ -187,8 +187,9 @@ struct PanelTile {
   const float* row(int r) const { return data + r * width; }
 };
 
-// Calls fn(n) with n a compile-time constant where it is a whole block of kUnits, so that the row kernels
-// inlined into fn become whole vectors with no remainder loop.
+// Calls fn(n) with n a compile-time constant where it is a whole block of kUnits, so that what is inlined
+// into fn (the epilogues' copies and sums, and a row kernel where the compiler inlines it) sees whole
+// vectors with no remainder.
 template <int64_t kUnits, typename F>
 inline void with_units(int64_t n, const F& fn) {
   if (n == kUnits) {
