@@ -70,3 +70,31 @@ def test_float32_cell_steps(kind, B, bias, two_threads):
     t = twin(m, "cpu")
     x, h = cell_inputs(m, B=B, hx=True)
     check_twin(m, t, x, h)
+
+
+# (rows R, columns of a, columns of b): a^T b through the linear operator on transposed views, as the
+# weight gradients call it. Cases: the wide operand a or b; few row tiles (read in place, masked) or
+# many (copied chunk by chunk); a last block of 64 columns that is partly past the end; fewer blocks than
+# threads, so that the row tiles split into groups.
+WEIGHT_GRADIENT_SHAPES = [(299, 280, 70), (299, 70, 280), (600, 64 * 3 + 5, 19), (600, 40, 50), (600, 60, 50),
+                          (1100, 50, 60), (257, 17, 300)]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("R,M,N", WEIGHT_GRADIENT_SHAPES, ids=[f"{r}x{m}x{n}" for r, m, n in WEIGHT_GRADIENT_SHAPES])
+def test_weight_gradient_product(R, M, N, threads):
+    """a^T b against float64, each element within a small multiple of float32's rounding of |a|^T |b|
+    (a chunked sum over 256 rows stays well inside it; a wrong tile, mask or block is off by the values'
+    own size)."""
+    g = torch.Generator().manual_seed(R + M + N)
+    a, b = torch.randn(R, M, generator=g), torch.randn(R, N, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = torch.ops.rnnkernels.linear(a.t(), b.t(), None)
+    finally:
+        torch.set_num_threads(before)
+    expected = a.double().t() @ b.double()
+    scale = a.double().abs().t() @ b.double().abs()
+    assert got.shape == (M, N)
+    assert ((got.double() - expected).abs() <= 4e-6 * scale).all()
