@@ -7,10 +7,10 @@
 // - dots: one step of up to four sequences (generation), each weight row read once.
 //
 // Assumes: float32; AVX-512F at build time (the build is -march=native by default; elsewhere kPanelGemm
-// is false and the callers use oneDNN/BLAS). Output columns are grouped into blocks of 3 or 4 panels:
+// is false and the callers use oneDNN/BLAS). Output columns are grouped into blocks of 2, 3 or 4 panels:
 // for the LSTM and GRU a block holds all gates of 16 hidden units (panel p = gate p), so that one tile
-// carries whole cells; otherwise it holds 64 consecutive columns. Packed columns beyond N are zero; in
-// place, loads past N are masked. Nothing past N is stored.
+// carries whole cells; otherwise it holds 64 consecutive columns (32 where N <= 32). Packed columns
+// beyond N are zero; in place, loads past N are masked. Nothing past N is stored.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -47,7 +47,7 @@ struct PanelWeight {
   const float* data = nullptr;
   int64_t k_stride = 0, block_stride = 0;
   at::Tensor bias;        // (blocks, panels * 16), zeros where there is no bias
-  int64_t panels = 0;     // panels per block: 3 or 4
+  int64_t panels = 0;     // panels per block: 2, 3 or 4
   int64_t units = 0;      // output units per block that the epilogue sees (16, or panels * 16)
   int64_t blocks = 0;
   int64_t outputs = 0;    // output units in all (H, or N)
@@ -55,12 +55,18 @@ struct PanelWeight {
   int64_t columns = 0;    // columns that may be read: past them, the last block's loads are masked
 };
 
-// A row-major (K, N) matrix m as the right operand, read in place (products h m): blocks of 64 columns.
+// Panels per block of plain columns: 4 (64 columns), or 2 where there are at most 32 columns, which
+// would leave most lanes of a block of 64 idle (the input gradient of a character model: 28 columns).
+inline int64_t column_panels(int64_t columns) {
+  return columns <= 2 * kLanes ? 2 : 4;
+}
+
+// A row-major (K, N) matrix m as the right operand, read in place (products h m): blocks of column_panels.
 inline PanelWeight panels_in_place(const at::Tensor& m) {
   PanelWeight p;
   p.storage = m.contiguous();
   p.data = p.storage.data_ptr<float>();
-  p.panels = 4;
+  p.panels = column_panels(m.size(1));
   p.units = p.panels * kLanes;
   p.K = m.size(0);
   p.columns = p.outputs = m.size(1);
@@ -72,13 +78,14 @@ inline PanelWeight panels_in_place(const at::Tensor& m) {
 }
 
 // Packs w (N, K), given by strides so that a transposed view needs no copy. gates > 1 (LSTM 4, GRU 3):
-// N = gates * H and a block is the rows g * H + j of 16 units j; gates == 1: a block is 64 rows.
+// N = gates * H and a block is the rows g * H + j of 16 units j; gates == 1: a block is column_panels(N)
+// * 16 rows.
 inline PanelWeight pack_panels(const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t gates) {
   TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && (gates == 1 || gates == 3 || gates == 4),
               "rnnkernels: panel packing takes a float32 matrix of 1, 3 or 4 gates");
   PanelWeight p;
   const int64_t N = w.size(0), K = w.size(1), H = N / gates;
-  p.panels = gates > 1 ? gates : 4;
+  p.panels = gates > 1 ? gates : column_panels(N);
   p.units = gates > 1 ? kLanes : p.panels * kLanes;
   p.blocks = (H + p.units - 1) / p.units;
   p.outputs = H;
@@ -157,7 +164,7 @@ template <int kRows, int kPanels>
 
 // Rows per tile: enough accumulators to cover the FMA latency, within the 32 vector registers.
 template <int kPanels>
-constexpr int kTileRows = kPanels == 3 ? 8 : 6;
+constexpr int kTileRows = kPanels == 2 ? 12 : kPanels == 3 ? 8 : 6;
 
 template <int kPanels, int kRows = kTileRows<kPanels>>
 [[gnu::always_inline]] inline void panel_tile_rows(int rows, const float* h, int64_t row_stride, int64_t k_stride, const float* w,
@@ -217,10 +224,10 @@ template <typename Epilogue>
 void panel_product(const PanelWeight& w, const PanelRows& h, const Epilogue& epilogue) {
 #if defined(__AVX512F__)
   constexpr int64_t kTilesPerTask = 8;
-  constexpr int64_t kTileFloats = 8 * 4 * kLanes;  // the largest tile: 8 rows of 3 panels, 6 of 4
+  constexpr int64_t kTileFloats = 8 * 4 * kLanes;  // the largest tile: 12 rows of 2 panels, 8 of 3, 6 of 4
   // As many tiles as the register budget needs, their rows spread evenly (32 rows: 6 tiles of 5 or 6,
   // not five of 6 and one of 2, which runs at a third of the speed).
-  const int64_t max_rows = w.panels == 3 ? kTileRows<3> : kTileRows<4>;
+  const int64_t max_rows = w.panels == 2 ? kTileRows<2> : w.panels == 3 ? kTileRows<3> : kTileRows<4>;
   const int64_t width = w.panels * kLanes;
   const int64_t row_tiles = (h.rows + max_rows - 1) / max_rows;
   const int64_t groups = (row_tiles + kTilesPerTask - 1) / kTilesPerTask;
@@ -245,10 +252,17 @@ void panel_product(const PanelWeight& w, const PanelRows& h, const Epilogue& epi
           const int n = static_cast<int>(first_row(tile + 1) - r0);
           const float* hb = h.data + r0 * h.row_stride;
           float* o = out + (tile - first) * kTileFloats;
-          w.panels == 3 ? panel_tile_rows<3>(n, hb, h.row_stride, h.k_stride, wb, w.k_stride, masks, bb, k0, k1,
-                                             k0 > 0, o)
-                        : panel_tile_rows<4>(n, hb, h.row_stride, h.k_stride, wb, w.k_stride, masks, bb, k0, k1,
-                                             k0 > 0, o);
+          const auto tile_rows = [&](auto panels) {
+            panel_tile_rows<decltype(panels)::value>(n, hb, h.row_stride, h.k_stride, wb, w.k_stride, masks, bb, k0,
+                                                     k1, k0 > 0, o);
+          };
+          if (w.panels == 2) {
+            tile_rows(std::integral_constant<int, 2>());
+          } else if (w.panels == 3) {
+            tile_rows(std::integral_constant<int, 3>());
+          } else {
+            tile_rows(std::integral_constant<int, 4>());
+          }
         }
       }
       const int64_t j0 = blk * w.units, n = std::min(w.units, w.outputs - j0);

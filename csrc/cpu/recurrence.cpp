@@ -320,7 +320,8 @@ void forward_panels(const RecurrenceDims& d, const Steps& steps, const Tensor& g
   const int64_t B = d.B, H = d.H, GH = d.G * d.H, W = workspace_width(cell, H);
   const bool keep = workspace.size(2) > 0, state_in_output = steps.lengths == nullptr;
   const PanelWeight pw = pack_panels(w_hh, b_hh, d.G);
-  constexpr int64_t kBlockUnits = cell == Cell::LSTM || cell == Cell::GRU ? kLanes : 4 * kLanes;  // pw.units
+  // pw.units (but for the RNN at H <= 32: 32, which then takes the general n)
+  constexpr int64_t kBlockUnits = cell == Cell::LSTM || cell == Cell::GRU ? kLanes : 4 * kLanes;
   Tensor h_other = state_in_output ? Tensor() : at::empty_like(h);
   const float* const gx_data = gx.data_ptr<float>();
   float* const ws_data = keep ? workspace.data_ptr<float>() : nullptr;
