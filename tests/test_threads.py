@@ -80,7 +80,7 @@ WEIGHT_GRADIENT_SHAPES = [(299, 280, 70), (299, 70, 280), (600, 64 * 3 + 5, 19),
                           (1100, 50, 60), (257, 17, 300)]
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
 @pytest.mark.parametrize("R,M,N", WEIGHT_GRADIENT_SHAPES, ids=[f"{r}x{m}x{n}" for r, m, n in WEIGHT_GRADIENT_SHAPES])
 def test_weight_gradient_product(R, M, N, threads):
     """a^T b against float64, each element within a small multiple of float32's rounding of |a|^T |b|

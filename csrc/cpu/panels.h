@@ -2,8 +2,9 @@
 // - panel_product: y = h W^T (+ b) with W in panels of 16 output columns, packed once per sequence or read
 //   in place; a CPU analogue of the persistent GPU kernels. Every thread keeps the panels of its own
 //   output columns in its cache across the time steps, and each register tile of rows x panels goes
-//   straight to an epilogue (a cell's gate math) while in L1. Also the weight gradients (panel_matmul_tn)
-//   and products with few output columns (panel_linear).
+//   straight to an epilogue (a cell's gate math) while in L1. Also products with few output columns
+//   (panel_linear).
+// - panel_matmul_tn: the whole-sequence weight gradients a^T b, on the same register tiles.
 // - dots: one step of up to four sequences (generation), each weight row read once.
 //
 // Assumes: float32; AVX-512F at build time (the build is -march=native by default; elsewhere kPanelGemm
@@ -103,7 +104,7 @@ inline PanelWeight pack_panels(const at::Tensor& w, const std::optional<at::Tens
   float* dst = p.storage.data_ptr<float>();
   float* dst_bias = p.bias.data_ptr<float>();
   // Panel q of block blk holds rows first .. first + count - 1 of w (gate q of units blk * 16.., or the
-  // plain rows blk * 64 + q * 16..), zeros after them.
+  // plain rows blk * p.units + q * 16..), zeros after them.
   at::parallel_for(0, p.blocks * p.panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t panel = begin; panel < end; ++panel) {
       const int64_t blk = panel / p.panels, q = panel % p.panels;
@@ -167,9 +168,10 @@ template <int kPanels>
 constexpr int kTileRows = kPanels == 2 ? 12 : kPanels == 3 ? 8 : 6;
 
 template <int kPanels, int kRows = kTileRows<kPanels>>
-[[gnu::always_inline]] inline void panel_tile_rows(int rows, const float* h, int64_t row_stride, int64_t k_stride, const float* w,
-                            int64_t w_stride, const __mmask16* masks, const float* bias, int64_t k0, int64_t k1,
-                            bool accumulate, float* out) {
+[[gnu::always_inline]] inline void panel_tile_rows(int rows, const float* h, int64_t row_stride, int64_t k_stride,
+                                                   const float* w, int64_t w_stride, const __mmask16* masks,
+                                                   const float* bias, int64_t k0, int64_t k1, bool accumulate,
+                                                   float* out) {
   if constexpr (kRows > 0) {
     if (rows == kRows) {
       return panel_tile<kRows, kPanels>(h, row_stride, k_stride, w, w_stride, masks, bias, k0, k1, accumulate,
@@ -177,6 +179,20 @@ template <int kPanels, int kRows = kTileRows<kPanels>>
     }
     return panel_tile_rows<kPanels, kRows - 1>(rows, h, row_stride, k_stride, w, w_stride, masks, bias, k0, k1,
                                                accumulate, out);
+  }
+}
+
+// panel_tile_rows for a number of panels known at run time (2, 3 or 4).
+[[gnu::always_inline]] inline void panel_tile_rows_of(int64_t panels, int rows, const float* h, int64_t row_stride,
+                                                      int64_t k_stride, const float* w, int64_t w_stride,
+                                                      const __mmask16* masks, const float* bias, int64_t k0,
+                                                      int64_t k1, bool accumulate, float* out) {
+  if (panels == 2) {
+    panel_tile_rows<2>(rows, h, row_stride, k_stride, w, w_stride, masks, bias, k0, k1, accumulate, out);
+  } else if (panels == 3) {
+    panel_tile_rows<3>(rows, h, row_stride, k_stride, w, w_stride, masks, bias, k0, k1, accumulate, out);
+  } else {
+    panel_tile_rows<4>(rows, h, row_stride, k_stride, w, w_stride, masks, bias, k0, k1, accumulate, out);
   }
 }
 #endif
@@ -216,28 +232,47 @@ inline void store_tile(const PanelTile& tile, float* dst, int64_t ld) {
   }
 }
 
-// For every tile of (rows of h) x (block of W), epilogue(PanelTile) finishes the tile's result. A task is a block and up to kTilesPerTask row tiles,
-// run chunk by chunk of K so that the chunk of the block stays in cache across its tiles. In a
+// How a product's row tiles split into groups, a task being one block against one group: groups of at
+// most `most` tiles, and more of them where blocks alone are fewer than threads (a product with one
+// block, at most 32 or 64 columns, would otherwise run on one thread), their sizes as even as can be.
+struct RowGroups {
+  int64_t groups, tiles;  // groups, and tiles per group (the last one may have fewer)
+};
+inline RowGroups row_groups(int64_t row_tiles, int64_t blocks, int64_t most) {
+  if (row_tiles == 0) return {0, 1};  // an empty batch
+  const int64_t shares = std::min(row_tiles, (at::get_num_threads() + blocks - 1) / blocks);
+  const int64_t wanted = std::max((row_tiles + most - 1) / most, shares);
+  const int64_t tiles = (row_tiles + wanted - 1) / wanted;
+  return {(row_tiles + tiles - 1) / tiles, tiles};  // no group left empty
+}
+
+// Row tiles per task of panel_product, and the floats of its largest tile: 12 rows of 2 panels, 8 of 3, 6 of 4.
+// At namespace scope: as the function's own constants, used inside its lambda, they made GCC 12.2 stop
+// with an internal compiler error.
+constexpr int64_t kTilesPerTask = 8;
+constexpr int64_t kTileFloats = 8 * 4 * kLanes;
+
+// For every tile of (rows of h) x (block of W), epilogue(PanelTile) finishes the tile's result. A task is a
+// block and a group of up to kTilesPerTask row tiles (row_groups), run chunk by chunk of K so that the
+// chunk of the block stays in cache across its tiles. In a
 // recurrence one call is one time step: the threads split the blocks, each thread always the same
 // ones, so that its panels stay in its cache from step to step.
 template <typename Epilogue>
 void panel_product(const PanelWeight& w, const PanelRows& h, const Epilogue& epilogue) {
 #if defined(__AVX512F__)
-  constexpr int64_t kTilesPerTask = 8;
-  constexpr int64_t kTileFloats = 8 * 4 * kLanes;  // the largest tile: 12 rows of 2 panels, 8 of 3, 6 of 4
   // As many tiles as the register budget needs, their rows spread evenly (32 rows: 6 tiles of 5 or 6,
   // not five of 6 and one of 2, which runs at a third of the speed).
   const int64_t max_rows = w.panels == 2 ? kTileRows<2> : w.panels == 3 ? kTileRows<3> : kTileRows<4>;
   const int64_t width = w.panels * kLanes;
   const int64_t row_tiles = (h.rows + max_rows - 1) / max_rows;
-  const int64_t groups = (row_tiles + kTilesPerTask - 1) / kTilesPerTask;
+  const RowGroups grouping = row_groups(row_tiles, w.blocks, kTilesPerTask);
   const float* bias = w.bias.data_ptr<float>();
-  at::parallel_for(0, w.blocks * groups, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, w.blocks * grouping.groups, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float out[kTilesPerTask * kTileFloats];
     __mmask16 masks[4];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t blk = task / groups, first = (task % groups) * kTilesPerTask;
-      const int64_t last = std::min(row_tiles, first + kTilesPerTask);
+      const int64_t blk = task / grouping.groups, first = (task % grouping.groups) * grouping.tiles;
+      const int64_t last = std::min(row_tiles, first + grouping.tiles);
       for (int64_t p = 0; p < w.panels; ++p) {
         const int64_t lanes = std::clamp<int64_t>(w.columns - blk * width - p * kLanes, 0, kLanes);
         masks[p] = static_cast<__mmask16>((uint32_t{1} << lanes) - 1);
@@ -252,17 +287,7 @@ void panel_product(const PanelWeight& w, const PanelRows& h, const Epilogue& epi
           const int n = static_cast<int>(first_row(tile + 1) - r0);
           const float* hb = h.data + r0 * h.row_stride;
           float* o = out + (tile - first) * kTileFloats;
-          const auto tile_rows = [&](auto panels) {
-            panel_tile_rows<decltype(panels)::value>(n, hb, h.row_stride, h.k_stride, wb, w.k_stride, masks, bb, k0,
-                                                     k1, k0 > 0, o);
-          };
-          if (w.panels == 2) {
-            tile_rows(std::integral_constant<int, 2>());
-          } else if (w.panels == 3) {
-            tile_rows(std::integral_constant<int, 3>());
-          } else {
-            tile_rows(std::integral_constant<int, 4>());
-          }
+          panel_tile_rows_of(w.panels, n, hb, h.row_stride, h.k_stride, wb, w.k_stride, masks, bb, k0, k1, k0 > 0, o);
         }
       }
       const int64_t j0 = blk * w.units, n = std::min(w.units, w.outputs - j0);
@@ -324,19 +349,18 @@ inline at::Tensor panel_matmul_tn(const at::Tensor& a, const at::Tensor& b) {
   static constexpr float no_bias[width] = {};
   const int64_t blocks = (N + width - 1) / width;
   const int64_t row_tiles = (M + kTileRows<kPanels> - 1) / kTileRows<kPanels>;
-  const int64_t groups = std::min(row_tiles, (at::get_num_threads() + blocks - 1) / blocks);
-  const int64_t tiles_per_group = (row_tiles + groups - 1) / groups;
+  const RowGroups grouping = row_groups(row_tiles, blocks, row_tiles);
   constexpr int64_t kCopyFromTiles = 8;
   const bool copy = row_tiles >= kCopyFromTiles;
   const auto first_row = [&](int64_t tile) { return tile * M / row_tiles; };  // rows spread evenly
   const float* src = wide.data_ptr<float>();
   const float* h = rows.data_ptr<float>();
   float* dst = result.data_ptr<float>();
-  at::parallel_for(0, blocks * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> chunk(copy ? kChunk * width : 0), out(tiles_per_group * tile_floats);
+  at::parallel_for(0, blocks * grouping.groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> chunk(copy ? kChunk * width : 0), out(grouping.tiles * tile_floats);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t blk = task / groups, first = (task % groups) * tiles_per_group;
-      const int64_t last = std::min(row_tiles, first + tiles_per_group);
+      const int64_t blk = task / grouping.groups, first = (task % grouping.groups) * grouping.tiles;
+      const int64_t last = std::min(row_tiles, first + grouping.tiles);
       const int64_t j0 = blk * width, n = std::min(width, N - j0);
       __mmask16 masks[kPanels];  // the copy is zero past N; in place, loads past N are masked
       for (int p = 0; p < kPanels; ++p) {
