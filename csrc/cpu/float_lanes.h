@@ -83,7 +83,10 @@ template <>
 struct Lanes<float> {
   using type = FloatLanes;
   static constexpr int64_t width = 16;
-  static __mmask16 mask(int64_t count) { return static_cast<__mmask16>((uint32_t{1} << std::min<int64_t>(count, 16)) - 1); }
+  // The first `count` lanes (none for count <= 0, all 16 from 16 on).
+  static __mmask16 mask(int64_t count) {
+    return static_cast<__mmask16>((uint32_t{1} << std::clamp<int64_t>(count, 0, 16)) - 1);
+  }
   static type load(const float* p, int64_t count) {
     return FloatLanes(count >= width ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(mask(count), p));
   }

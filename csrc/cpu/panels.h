@@ -2,9 +2,8 @@
 // - panel_product: y = h W^T (+ b) with W in panels of 16 output columns, packed once per sequence or read
 //   in place; a CPU analogue of the persistent GPU kernels. Every thread keeps the panels of its own
 //   output columns in its cache across the time steps, and each register tile of rows x panels goes
-//   straight to an epilogue (a cell's gate math) while in L1. Also products with few output columns
-//   (panel_linear).
-// - panel_matmul_tn: the whole-sequence weight gradients a^T b, on the same register tiles.
+//   straight to an epilogue (a cell's gate math) while in L1. Also the weight gradients (panel_matmul_tn)
+//   and products with few output columns (panel_linear).
 // - dots: one step of up to four sequences (generation), each weight row read once.
 //
 // Assumes: float32; AVX-512F at build time (the build is -march=native by default; elsewhere kPanelGemm
@@ -20,6 +19,8 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#include "float_lanes.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -181,20 +182,6 @@ template <int kPanels, int kRows = kTileRows<kPanels>>
                                                accumulate, out);
   }
 }
-
-// panel_tile_rows for a number of panels known at run time (2, 3 or 4).
-[[gnu::always_inline]] inline void panel_tile_rows_of(int64_t panels, int rows, const float* h, int64_t row_stride,
-                                                      int64_t k_stride, const float* w, int64_t w_stride,
-                                                      const __mmask16* masks, const float* bias, int64_t k0,
-                                                      int64_t k1, bool accumulate, float* out) {
-  if (panels == 2) {
-    panel_tile_rows<2>(rows, h, row_stride, k_stride, w, w_stride, masks, bias, k0, k1, accumulate, out);
-  } else if (panels == 3) {
-    panel_tile_rows<3>(rows, h, row_stride, k_stride, w, w_stride, masks, bias, k0, k1, accumulate, out);
-  } else {
-    panel_tile_rows<4>(rows, h, row_stride, k_stride, w, w_stride, masks, bias, k0, k1, accumulate, out);
-  }
-}
 #endif
 
 // The left operand of a panel product: element (r, k) at data[r * row_stride + k * k_stride].
@@ -246,48 +233,72 @@ inline RowGroups row_groups(int64_t row_tiles, int64_t blocks, int64_t most) {
   return {(row_tiles + tiles - 1) / tiles, tiles};  // no group left empty
 }
 
-// Row tiles per task of panel_product, and the floats of its largest tile: 12 rows of 2 panels, 8 of 3, 6 of 4.
-// At namespace scope: as the function's own constants, used inside its lambda, they made GCC 12.2 stop
-// with an internal compiler error.
+#if defined(__AVX512F__)
+// Row tiles per task of panel_product where its caller does not ask for all of them, and the floats of
+// the largest tile. At namespace scope: as the function's own constants, used inside its lambda, they
+// made GCC 12.2 stop with an internal compiler error.
 constexpr int64_t kTilesPerTask = 8;
-constexpr int64_t kTileFloats = 8 * 4 * kLanes;
+constexpr int64_t kTileFloats = std::max({kTileRows<2> * 2, kTileRows<3> * 3, kTileRows<4> * 4}) * kLanes;
+#endif
 
 // For every tile of (rows of h) x (block of W), epilogue(PanelTile) finishes the tile's result. A task is a
-// block and a group of up to kTilesPerTask row tiles (row_groups), run chunk by chunk of K so that the
-// chunk of the block stays in cache across its tiles. In a
-// recurrence one call is one time step: the threads split the blocks, each thread always the same
-// ones, so that its panels stay in its cache from step to step.
+// block and a group of row tiles (row_groups): up to kTilesPerTask, or all of them where `all_row_tiles`
+// (a block is then read from memory once, not once per group: the weight gradients, over T * B rows). It
+// runs chunk by chunk of K, so that the chunk of the block stays in cache across its tiles; a block read
+// in place whose rows lie further apart than its own width (the weight gradients' operand of 1024
+// columns: 4 KB, a page each and the same few L1 sets) is first copied, chunk by chunk, into a buffer of
+// the task's, where at least kCopyFromTiles row tiles share the copy. In a recurrence one call is one
+// time step: the threads split the blocks, each thread always the same ones, so that its panels stay in
+// its cache from step to step.
 template <typename Epilogue>
-void panel_product(const PanelWeight& w, const PanelRows& h, const Epilogue& epilogue) {
+void panel_product(const PanelWeight& w, const PanelRows& h, const Epilogue& epilogue, bool all_row_tiles = false) {
 #if defined(__AVX512F__)
   // As many tiles as the register budget needs, their rows spread evenly (32 rows: 6 tiles of 5 or 6,
   // not five of 6 and one of 2, which runs at a third of the speed).
   const int64_t max_rows = w.panels == 2 ? kTileRows<2> : w.panels == 3 ? kTileRows<3> : kTileRows<4>;
   const int64_t width = w.panels * kLanes;
   const int64_t row_tiles = (h.rows + max_rows - 1) / max_rows;
-  const RowGroups grouping = row_groups(row_tiles, w.blocks, kTilesPerTask);
+  const RowGroups grouping = row_groups(row_tiles, w.blocks, all_row_tiles ? row_tiles : kTilesPerTask);
+  constexpr int64_t kCopyFromTiles = 8;
+  const bool copy = w.k_stride > width && grouping.tiles >= kCopyFromTiles;
   const float* bias = w.bias.data_ptr<float>();
   at::parallel_for(0, w.blocks * grouping.groups, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float out[kTilesPerTask * kTileFloats];
+    alignas(64) float tiles_here[kTilesPerTask * kTileFloats];
+    std::vector<float> tiles_on_heap(grouping.tiles > kTilesPerTask ? grouping.tiles * kTileFloats : 0);
+    float* const out = tiles_on_heap.empty() ? tiles_here : tiles_on_heap.data();
+    std::vector<float> chunk(copy ? kChunk * width : 0);
     __mmask16 masks[4];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t blk = task / grouping.groups, first = (task % grouping.groups) * grouping.tiles;
       const int64_t last = std::min(row_tiles, first + grouping.tiles);
-      for (int64_t p = 0; p < w.panels; ++p) {
-        const int64_t lanes = std::clamp<int64_t>(w.columns - blk * width - p * kLanes, 0, kLanes);
-        masks[p] = static_cast<__mmask16>((uint32_t{1} << lanes) - 1);
-      }
+      const int64_t columns = std::clamp<int64_t>(w.columns - blk * width, 0, width);  // readable in the block
+      for (int64_t p = 0; p < w.panels; ++p) masks[p] = Lanes<float>::mask(columns - p * kLanes);
       const float* wb = w.data + blk * w.block_stride;
       const float* bb = bias + blk * width;
       const auto first_row = [&](int64_t tile) { return tile * h.rows / row_tiles; };
       for (int64_t k0 = 0; k0 < w.K; k0 += kChunk) {
         const int64_t k1 = std::min(w.K, k0 + kChunk);
-        for (int64_t tile = first; tile < last; ++tile) {
-          const int64_t r0 = first_row(tile);
-          const int n = static_cast<int>(first_row(tile + 1) - r0);
-          const float* hb = h.data + r0 * h.row_stride;
-          float* o = out + (tile - first) * kTileFloats;
-          panel_tile_rows_of(w.panels, n, hb, h.row_stride, h.k_stride, wb, w.k_stride, masks, bb, k0, k1, k0 > 0, o);
+        for (int64_t k = k0; copy && k < k1; ++k) {
+          std::memcpy(chunk.data() + (k - k0) * width, wb + k * w.k_stride, sizeof(float) * columns);
+        }
+        const float* wk = copy ? chunk.data() : wb + k0 * w.k_stride;
+        // The chunk's tiles, the number of panels a constant: chosen per tile, it cost the weight gradients
+        // 4% (GCC 12).
+        const auto chunk_tiles = [&](auto panels) {
+          for (int64_t tile = first; tile < last; ++tile) {
+            const int64_t r0 = first_row(tile);
+            const float* hk = h.data + r0 * h.row_stride + k0 * h.k_stride;
+            panel_tile_rows<decltype(panels)::value>(static_cast<int>(first_row(tile + 1) - r0), hk, h.row_stride,
+                                                     h.k_stride, wk, copy ? width : w.k_stride, masks, bb, 0,
+                                                     k1 - k0, k0 > 0, out + (tile - first) * kTileFloats);
+          }
+        };
+        if (w.panels == 2) {
+          chunk_tiles(std::integral_constant<int, 2>());
+        } else if (w.panels == 3) {
+          chunk_tiles(std::integral_constant<int, 3>());
+        } else {
+          chunk_tiles(std::integral_constant<int, 4>());
         }
       }
       const int64_t j0 = blk * w.units, n = std::min(w.units, w.outputs - j0);
@@ -327,82 +338,28 @@ inline at::Tensor transposed(const at::Tensor& m_in) {
 }
 
 // a^T b for row-major a (R, M) and b (R, N), float32: the whole-sequence weight gradients, summing over
-// the R = T * B rows. The operand with fewer columns is transposed into the tiles' rows; the other, the
-// wide one, is read in blocks of 64 columns, which a task copies into a buffer of its own chunk by chunk
-// of kChunk rows: read in place, a chunk's rows lie a whole matrix row apart (4 KB at 1024 columns: a
-// page each, and the same few L1 sets). Fewer than kCopyFromTiles row tiles do not repay the copy (the
-// input-weight gradient of a character model, 28 rows) and read the block in place. A task is one block
-// against all row tiles (a share of them where there are fewer blocks than threads), so that the wide
-// operand is read from memory once, not once per group of row tiles: at long-seq's 16,000 rows that
-// halved the time.
+// the R = T * B rows. The tiles read their rows along K, so the operand with fewer columns is transposed
+// into that role; the other is read in place, each block once for all row tiles.
 inline at::Tensor panel_matmul_tn(const at::Tensor& a, const at::Tensor& b) {
-#if defined(__AVX512F__)
+  TORCH_CHECK(a.size(0) > 0, "rnnkernels: panel_matmul_tn sums over at least one row");
   const bool swap = b.size(1) < a.size(1);  // then the tiles compute b^T a, the transpose of the result
-  const at::Tensor wide = (swap ? a : b).contiguous();
   const at::Tensor rows = transposed(swap ? b : a);
+  const PanelWeight w = panels_in_place(swap ? a : b);
+  const int64_t M = rows.size(0), N = w.outputs, R = rows.size(1);
   at::Tensor result = at::empty({a.size(1), b.size(1)}, a.options());
-  const int64_t M = rows.size(0), R = rows.size(1), N = wide.size(1);
-  TORCH_CHECK(R > 0, "rnnkernels: panel_matmul_tn sums over at least one row");
-  if (result.numel() == 0) return result;
-  constexpr int kPanels = 4;
-  constexpr int64_t width = kPanels * kLanes, tile_floats = kTileRows<kPanels> * width;
-  static constexpr float no_bias[width] = {};
-  const int64_t blocks = (N + width - 1) / width;
-  const int64_t row_tiles = (M + kTileRows<kPanels> - 1) / kTileRows<kPanels>;
-  const RowGroups grouping = row_groups(row_tiles, blocks, row_tiles);
-  constexpr int64_t kCopyFromTiles = 8;
-  const bool copy = row_tiles >= kCopyFromTiles;
-  const auto first_row = [&](int64_t tile) { return tile * M / row_tiles; };  // rows spread evenly
-  const float* src = wide.data_ptr<float>();
-  const float* h = rows.data_ptr<float>();
   float* dst = result.data_ptr<float>();
-  at::parallel_for(0, blocks * grouping.groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> chunk(copy ? kChunk * width : 0), out(grouping.tiles * tile_floats);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t blk = task / grouping.groups, first = (task % grouping.groups) * grouping.tiles;
-      const int64_t last = std::min(row_tiles, first + grouping.tiles);
-      const int64_t j0 = blk * width, n = std::min(width, N - j0);
-      __mmask16 masks[kPanels];  // the copy is zero past N; in place, loads past N are masked
-      for (int p = 0; p < kPanels; ++p) {
-        const int64_t lanes = copy ? kLanes : std::clamp<int64_t>(n - p * kLanes, 0, kLanes);
-        masks[p] = static_cast<__mmask16>((uint32_t{1} << lanes) - 1);
-      }
-      for (int64_t k0 = 0; k0 < R; k0 += kChunk) {
-        const int64_t k1 = std::min(R, k0 + kChunk);
-        for (int64_t k = k0; copy && k < k1; ++k) {
-          float* packed = chunk.data() + (k - k0) * width;
-          std::memcpy(packed, src + k * N + j0, sizeof(float) * n);
-          std::fill(packed + n, packed + width, 0.f);
-        }
-        const float* w = copy ? chunk.data() : src + k0 * N + j0;
-        for (int64_t tile = first; tile < last; ++tile) {
-          const int64_t r0 = first_row(tile);
-          panel_tile_rows<kPanels>(static_cast<int>(first_row(tile + 1) - r0), h + r0 * R + k0, R, 1, w,
-                                   copy ? width : N, masks, no_bias, 0, k1 - k0, k0 > 0,
-                                   out.data() + (tile - first) * tile_floats);
-        }
-      }
-      for (int64_t tile = first; tile < last; ++tile) {
-        const int64_t r0 = first_row(tile);
-        const PanelTile done{j0, n, r0, static_cast<int>(first_row(tile + 1) - r0),
-                             out.data() + (tile - first) * tile_floats, width};
-        if (!swap) {
-          store_tile(done, dst, N);
-          continue;
-        }
+  panel_product(
+      w, PanelRows{rows.data_ptr<float>(), M, R, 1},
+      [&](const PanelTile& tile) {
+        if (!swap) return store_tile(tile, dst, N);
         // Transposed: the tile's rows r0.. are consecutive in each row j0 + j of the result.
-        for (int64_t j = 0; j < done.n; ++j) {
-          float* column = dst + (done.j0 + j) * M + done.r0;
-          for (int r = 0; r < done.rows; ++r) column[r] = done.row(r)[j];
+        for (int64_t j = 0; j < tile.n; ++j) {
+          float* out = dst + (tile.j0 + j) * M + tile.r0;
+          for (int r = 0; r < tile.rows; ++r) out[r] = tile.row(r)[j];
         }
-      }
-    }
-  });
+      },
+      /*all_row_tiles=*/true);
   return result;
-#else
-  (void)a, (void)b;
-  TORCH_CHECK(false, "rnnkernels: the panel kernels need AVX-512 at build time");
-#endif
 }
 
 // x w^T (+ b) for row-major x (M, K) and w (N, K) given by any strides, float32.
@@ -434,7 +391,7 @@ inline void dots(const float* w, int64_t ldw, int count, const float* v, int64_t
   for (int q = 0; q < 4; ++q)
     for (int r = 0; r < kVectors; ++r) acc[q][r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += kLanes) {
-    const __mmask16 mask = static_cast<__mmask16>((uint32_t{1} << std::min(kLanes, K - k)) - 1);
+    const __mmask16 mask = Lanes<float>::mask(K - k);
     __m512 vk[kVectors];
     for (int r = 0; r < kVectors; ++r) vk[r] = _mm512_maskz_loadu_ps(mask, v + r * ldv + k);
     for (int q = 0; q < 4; ++q) {
