@@ -98,3 +98,26 @@ def test_weight_gradient_product(R, M, N, threads):
     scale = a.double().abs().t() @ b.double().abs()
     assert got.shape == (M, N)
     assert ((got.double() - expected).abs() <= 4e-6 * scale).all()
+
+
+# (rows, inputs, outputs, how w is given): products whose output passes 32 MB run on the panel kernels into
+# huge pages (csrc/cpu/recurrence.cpp, product): w row-major (packed), transposed (read in place), or with
+# neither stride 1; input counts off the multiple of 16, and a last block of 64 outputs that is partly past
+# the end.
+LARGE_OUTPUT_CASES = [(8200, 37, 1030, "rows"), (8200, 40, 1024, "transposed"), (8193, 21, 1024, "strided")]
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("M,K,N,layout", LARGE_OUTPUT_CASES, ids=[case[3] for case in LARGE_OUTPUT_CASES])
+def test_large_output_product(M, K, N, layout, bias, two_threads):
+    g = torch.Generator().manual_seed(M + K + N)
+    x = torch.randn(M, K, generator=g)
+    w = {"rows": lambda: torch.randn(N, K, generator=g),
+         "transposed": lambda: torch.randn(K, N, generator=g).t(),
+         "strided": lambda: torch.randn(N, 2 * K, generator=g)[:, ::2]}[layout]()
+    b = torch.randn(N, generator=g) if bias else None
+    got = torch.ops.rnnkernels.linear(x, w, b)
+    assert got.nbytes >= 32 << 20
+    expected = x.double() @ w.double().t() + (b.double() if bias else 0)
+    scale = x.double().abs() @ w.double().abs().t() + (b.double().abs() if bias else 0)
+    assert ((got.double() - expected).abs() <= 4e-6 * scale + 1e-30).all()

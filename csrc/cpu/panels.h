@@ -20,6 +20,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "buffers.h"
 #include "float_lanes.h"
 
 #if defined(__AVX512F__)
@@ -96,7 +97,7 @@ inline PanelWeight pack_panels(const at::Tensor& w, const std::optional<at::Tens
   p.columns = p.blocks * width;
   p.k_stride = width;
   p.block_stride = K * width;
-  p.storage = at::empty({p.blocks, K, width}, w.options());
+  p.storage = empty_buffer({p.blocks, K, width}, w.options());
   p.data = p.storage.data_ptr<float>();
   p.bias = at::zeros({p.blocks, width}, w.options());
   const float* src = w.data_ptr<float>();
@@ -320,7 +321,7 @@ void panel_product(const PanelWeight& w, const PanelRows& h, const Epilogue& epi
 inline at::Tensor transposed(const at::Tensor& m_in) {
   const at::Tensor m = m_in.contiguous();
   const int64_t R = m.size(0), C = m.size(1);
-  at::Tensor out = at::empty({C, R}, m.options());
+  at::Tensor out = empty_buffer({C, R}, m.options());
   const float* src = m.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   constexpr int64_t kBlock = 32;
@@ -369,7 +370,7 @@ inline at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& w, cons
   const bool in_place = !b.has_value() && !w.is_contiguous() && w.t().is_contiguous();
   const PanelWeight pw = in_place ? panels_in_place(w.t()) : pack_panels(w, b, 1);
   const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = empty_buffer({M, N}, x.options());
   float* dst = y.data_ptr<float>();
   panel_product(pw, PanelRows{x.data_ptr<float>(), M, K, 1}, [&](const PanelTile& tile) { store_tile(tile, dst, N); });
   return y;

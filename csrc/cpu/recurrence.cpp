@@ -14,6 +14,7 @@
 
 #include "../cell_math.h"
 #include "../recurrence_args.h"
+#include "buffers.h"
 #include "float_lanes.h"
 #include "panels.h"
 
@@ -74,10 +75,13 @@ Tensor blas_linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>
 // slower), or BLAS where oneDNN is off or the product tiny.
 Tensor product(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
   // oneDNN is the faster GEMM here but for outputs narrower than a panel block (the input gradient of a
-  // character model: 1.6x), given rows enough to repay packing w.
-  constexpr int64_t kPanelsFromRows = 64, kPanelsBelowColumns = 64;
-  if (kPanelGemm && x.scalar_type() == at::kFloat && x.size(0) >= kPanelsFromRows && w.size(0) < kPanelsBelowColumns &&
-      x.size(1) > 0) {
+  // character model: 1.6x), given rows enough to repay packing w, and for outputs of 32 MB or more: glibc
+  // maps those afresh at every call (its mmap threshold stops there), and oneDNN's output then takes a
+  // page fault per 4 KB, where the panel kernels write into huge pages (buffers.h). The input projection
+  // of long-seq (16,000 x 1024): 27 against 33 ms; of fastrnns (6400 x 2048): 37 against 45 ms.
+  constexpr int64_t kPanelsFromRows = 64, kPanelsBelowColumns = 64, kFreshFromBytes = int64_t{32} << 20;
+  if (kPanelGemm && x.scalar_type() == at::kFloat && x.size(0) >= kPanelsFromRows && x.size(1) > 0 &&
+      (w.size(0) < kPanelsBelowColumns || x.size(0) * w.size(0) * int64_t{sizeof(float)} >= kFreshFromBytes)) {
     return panel_linear(x, w, b);
   }
   if (!use_onednn(w, x.size(0))) return blas_linear(x, w, b);
@@ -164,7 +168,8 @@ void for_active_rows(const Steps& steps, int64_t t, int64_t B, int64_t row_work,
 // step writes, must read as zeros (outputs and gradients, by torch.nn's contract; the rest so that
 // every output of the operator is deterministic), so only with lengths does it need clearing.
 Tensor sweep_buffer(const Steps& steps, int64_t B, int64_t width, const at::TensorOptions& options) {
-  return steps.lengths ? at::zeros({steps.T, B, width}, options) : at::empty({steps.T, B, width}, options);
+  Tensor buffer = empty_buffer({steps.T, B, width}, options);
+  return steps.lengths ? buffer.zero_() : buffer;
 }
 
 template <typename scalar_t>
@@ -544,7 +549,7 @@ Tensors6 backward_cpu(const Tensor& grad_output_in, const Tensor& grad_h_n,
   const RecurrenceDims d = check_backward_args(cell, grad_output_in, grad_h_n, grad_c_n, h0_in, c0, w_hh_in,
                                                w_hr_in, lengths_in, output_in, workspace_in);
   const int64_t T = d.T, B = d.B;
-  const Tensor grad_output = grad_output_in.contiguous(), h0 = h0_in.contiguous(),
+  const Tensor grad_output = contiguous_buffer(grad_output_in), h0 = h0_in.contiguous(),
                w_hh = w_hh_in.contiguous(), output = output_in.contiguous(),
                workspace = workspace_in.contiguous();
   const std::optional<Tensor> w_hr = contiguous(w_hr_in), lengths = contiguous(lengths_in);
