@@ -121,3 +121,20 @@ def test_large_output_product(M, K, N, layout, bias, two_threads):
     expected = x.double() @ w.double().t() + (b.double() if bias else 0)
     scale = x.double().abs() @ w.double().abs().t() + (b.double().abs() if bias else 0)
     assert ((got.double() - expected).abs() <= 4e-6 * scale + 1e-30).all()
+
+
+# (rows, inputs, outputs): the input projection of lyrics-char (1027 inputs) and the input gradient of
+# ptb-medium (2600 inputs). The largest deviation from float64, relative to the largest output: a BLAS
+# product (torch.addmm) gives about 3.5e-7 here, the panel kernels' sums in chunks of 256 about 4.7e-7,
+# one running sum over all inputs (oneDNN, which these went to before) 1.1e-6 to 1.7e-6.
+LONG_SUM_CASES = [(1120, 1027, 1024), (700, 2600, 650)]
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="the panel kernels need AVX-512")
+@pytest.mark.parametrize("M,K,N", LONG_SUM_CASES, ids=[f"{m}x{k}x{n}" for m, k, n in LONG_SUM_CASES])
+def test_long_sums_stay_accurate(M, K, N, two_threads):
+    g = torch.Generator().manual_seed(K)
+    x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+    expected = x.double() @ w.double().t() + b.double()
+    error = (torch.ops.rnnkernels.linear(x, w, b).double() - expected).abs().max() / expected.abs().max()
+    assert error <= 8e-7

@@ -74,14 +74,21 @@ Tensor blas_linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>
 // and takes w contiguous or transposed (other strides send it down a reference path hundreds of times
 // slower), or BLAS where oneDNN is off or the product tiny.
 Tensor product(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
-  // oneDNN is the faster GEMM here but for outputs narrower than a panel block (the input gradient of a
-  // character model: 1.6x), given rows enough to repay packing w, and for outputs of 32 MB or more: glibc
-  // maps those afresh at every call (its mmap threshold stops there), and oneDNN's output then takes a
-  // page fault per 4 KB, where the panel kernels write into huge pages (buffers.h). The input projection
-  // of long-seq (16,000 x 1024): 27 against 33 ms; of fastrnns (6400 x 2048): 37 against 45 ms.
+  // The panel kernels, where they run, take every product but those of at most kChunk inputs into outputs
+  // of at least a panel block (64) and below 32 MB, as timemachine's input projection (28 inputs: oneDNN
+  // 0.17 against 0.22 ms). Measured in turn in one process (2 cores, AVX-512):
+  // - more inputs: oneDNN keeps one running sum over them, at up to 3.6x the error of the panel kernels'
+  //   sums in chunks (lyrics' input projection, 1027 inputs: 1.7e-6 against 4.7e-7 of the largest output,
+  //   which left its RNN at 2x torch.nn's error), at the same speed within 4%, but for ptb-medium's input
+  //   gradient (2600 inputs: 6.3 against 7.4 ms);
+  // - fewer output columns than a panel block (the input gradient of a character model: 1.6x);
+  // - outputs of 32 MB or more: glibc maps those afresh at every call (its mmap threshold stops there),
+  //   and oneDNN's output then takes a page fault per 4 KB, where the panel kernels write into huge pages
+  //   (buffers.h): long-seq's input projection, 16,000 x 1024, 27 against 33 ms.
   constexpr int64_t kPanelsFromRows = 64, kPanelsBelowColumns = 64, kFreshFromBytes = int64_t{32} << 20;
   if (kPanelGemm && x.scalar_type() == at::kFloat && x.size(0) >= kPanelsFromRows && x.size(1) > 0 &&
-      (w.size(0) < kPanelsBelowColumns || x.size(0) * w.size(0) * int64_t{sizeof(float)} >= kFreshFromBytes)) {
+      (x.size(1) > kChunk || w.size(0) < kPanelsBelowColumns ||
+       x.size(0) * w.size(0) * int64_t{sizeof(float)} >= kFreshFromBytes)) {
     return panel_linear(x, w, b);
   }
   if (!use_onednn(w, x.size(0))) return blas_linear(x, w, b);
