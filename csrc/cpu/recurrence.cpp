@@ -70,6 +70,21 @@ Tensor blas_linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>
   return b.has_value() ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
 }
 
+// x w^T (+ b) as a sum of product_of(x, w, b) over slices of at most kChunk inputs, added in turn: one
+// running sum over many inputs (oneDNN keeps one, and so does MKL for skinny products) is up to several
+// times less accurate than BLAS's blocked sums.
+template <typename Product>
+Tensor sum_over_input_slices(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b,
+                             const Product& product_of) {
+  Tensor y;
+  for (int64_t k = 0; k < x.size(1); k += kChunk) {
+    const int64_t count = std::min(kChunk, x.size(1) - k);
+    const Tensor part = product_of(x.narrow(1, k, count), w.narrow(1, k, count), k == 0 ? b : std::nullopt);
+    y = k == 0 ? part : y.add_(part);
+  }
+  return y;
+}
+
 // x w^T (+ b) as one GEMM: on the panel kernels, or oneDNN, which copies any x that is not contiguous
 // and takes w contiguous or transposed (other strides send it down a reference path hundreds of times
 // slower), or BLAS where oneDNN is off or the product tiny.
@@ -77,14 +92,15 @@ Tensor product(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b)
   // The panel kernels, where they run, take every product but those of at most kChunk inputs into outputs
   // of at least a panel block (64) and below 32 MB, as timemachine's input projection (28 inputs: oneDNN
   // 0.17 against 0.22 ms). Measured in turn in one process (2 cores, AVX-512):
-  // - more inputs: oneDNN keeps one running sum over them, at up to 3.6x the error of the panel kernels'
+  // - more inputs: oneDNN sums them in one running sum, at up to 3.6x the error of the panel kernels'
   //   sums in chunks (lyrics' input projection, 1027 inputs: 1.7e-6 against 4.7e-7 of the largest output,
-  //   which left its RNN at 2x torch.nn's error), at the same speed within 4%, but for ptb-medium's input
-  //   gradient (2600 inputs: 6.3 against 7.4 ms);
+  //   which left its RNN at 2.3x torch.nn's error), at the same speed within 4%, but for ptb-medium's input
+  //   gradient (2600 inputs: 6.3 against 7.4 ms). Without the panel kernels, oneDNN takes such products
+  //   in slices instead;
   // - fewer output columns than a panel block (the input gradient of a character model: 1.6x);
   // - outputs of 32 MB or more: glibc maps those afresh at every call (its mmap threshold stops there),
-  //   and oneDNN's output then takes a page fault per 4 KB, where the panel kernels write into huge pages
-  //   (buffers.h): long-seq's input projection, 16,000 x 1024, 27 against 33 ms.
+  //   and oneDNN's output then takes a page fault per 4 KB, where the panel kernels write into cached
+  //   blocks (buffers.h): long-seq's input projection, 16,000 x 1024, 27 against 33 ms.
   constexpr int64_t kPanelsFromRows = 64, kPanelsBelowColumns = 64, kFreshFromBytes = int64_t{32} << 20;
   if (kPanelGemm && x.scalar_type() == at::kFloat && x.size(0) >= kPanelsFromRows && x.size(1) > 0 &&
       (x.size(1) > kChunk || w.size(0) < kPanelsBelowColumns ||
@@ -92,8 +108,11 @@ Tensor product(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b)
     return panel_linear(x, w, b);
   }
   if (!use_onednn(w, x.size(0))) return blas_linear(x, w, b);
-  const bool w_ok = w.is_contiguous() || w.t().is_contiguous();
-  return onednn_linear(x.contiguous(), w_ok ? w : w.contiguous(), b);
+  const auto onednn = [](const Tensor& xs, const Tensor& ws, const std::optional<Tensor>& bs) {
+    const bool w_ok = ws.is_contiguous() || ws.t().is_contiguous();
+    return onednn_linear(xs.contiguous(), w_ok ? ws : ws.contiguous(), bs);
+  };
+  return x.size(1) <= kChunk ? onednn(x, w, b) : sum_over_input_slices(x, w, b, onednn);
 }
 
 bool is_transposed(const Tensor& m) {
@@ -102,9 +121,8 @@ bool is_transposed(const Tensor& m) {
 
 // x w^T (+ b) for a GEMM done once per call. Where x and w are both transposed views the product is
 // A^T B, a sum over the rows of A and B: the whole-sequence weight gradients, over T*B rows that
-// torch.nn adds up step by step. One running sum over all of them is up to several times less accurate
-// (oneDNN keeps one, and so does MKL for skinny products); sums over chunks of kChunk rows, then added,
-// bring the error back to torch.nn's. The float32 panel kernels sum in chunks anyway; elsewhere the GEMM
+// torch.nn adds up step by step. Sums over chunks of kChunk rows, then added, keep the error at
+// torch.nn's (sum_over_input_slices). The float32 panel kernels sum in chunks anyway; elsewhere the GEMM
 // is sliced, and since oneDNN copies a transposed x, x's role goes to the smaller operand.
 Tensor linear_once(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b_in) {
   const std::optional<Tensor> b = contiguous(b_in);
@@ -112,14 +130,7 @@ Tensor linear_once(const Tensor& x, const Tensor& w, const std::optional<Tensor>
   if (!is_transposed(x) || !is_transposed(w) || K <= kChunk) return product(x, w, b);
   if (kPanelGemm && x.scalar_type() == at::kFloat && !b.has_value()) return panel_matmul_tn(x.t(), w.t());
   const bool swap = !b.has_value() && w.size(0) < x.size(0);
-  const Tensor& left = swap ? w : x;
-  const Tensor& right = swap ? x : w;
-  Tensor y;
-  for (int64_t k = 0; k < K; k += kChunk) {
-    const int64_t count = std::min(kChunk, K - k);
-    const Tensor part = product(left.narrow(1, k, count), right.narrow(1, k, count), k == 0 ? b : std::nullopt);
-    y = k == 0 ? part : y.add_(part);
-  }
+  const Tensor y = swap ? sum_over_input_slices(w, x, b, product) : sum_over_input_slices(x, w, b, product);
   return swap ? y.t().contiguous() : y;
 }
 
