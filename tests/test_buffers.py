@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import check_twin, rnn_inputs, torch_module, twin
-from rnnkernels import ops
+from rnnkernels import ops, reference
 
 pytestmark = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="compiled extension not loaded")
 
@@ -64,3 +64,26 @@ def test_training_with_cached_buffers_matches_torch():
     for seed in (1, 2):
         x, hx = rnn_inputs(m, T=80, B=32, hx=True, seed=seed)
         check_twin(m, t, x, hx)
+
+
+def test_a_cached_output_clones_lazily():
+    """Copy-on-write clones (torch's lazy clone) take only storages whose context is their data pointer."""
+    out = sweep_output()
+    before = out.clone()
+    clone = out._lazy_clone()
+    out.zero_()
+    assert torch.equal(clone, before)
+
+
+@pytest.mark.parametrize("steps", [T, 2 * T, T + 1], ids=["same", "twice", "one-step-more"])
+def test_sizes_that_do_not_match_an_idle_block(steps):
+    """After a freed block of T steps' output: a buffer of the same size reuses it, one twice as large or
+    one a step longer (a block more once rounded up) gets a block of its own; every result is right."""
+    first = sweep_output()
+    del first
+    gx = torch.randn(steps, B, 3 * H)
+    h0 = torch.zeros(B, H)
+    w_hh = torch.randn(3 * H, H) / H**0.5
+    out = ops.forward_op("gru")(gx, h0, None, w_hh, None, None, None, False, False)[0]
+    expected = reference.recurrence("gru", gx.double(), h0.double(), None, w_hh.double(), None, None, None, False)[0]
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
