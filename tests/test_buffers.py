@@ -80,10 +80,12 @@ def test_sizes_that_do_not_match_an_idle_block(steps):
     """After a freed block of T steps' output: a buffer of the same size reuses it, one twice as large or
     one a step longer (a block more once rounded up) gets a block of its own; every result is right."""
     first = sweep_output()
+    address = first.data_ptr()
     del first
     gx = torch.randn(steps, B, 3 * H)
     h0 = torch.zeros(B, H)
     w_hh = torch.randn(3 * H, H) / H**0.5
     out = ops.forward_op("gru")(gx, h0, None, w_hh, None, None, None, False, False)[0]
+    assert (out.data_ptr() == address) == (steps == T)  # the output is the call's one buffer of a block or more
     expected = reference.recurrence("gru", gx.double(), h0.double(), None, w_hh.double(), None, None, None, False)[0]
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
