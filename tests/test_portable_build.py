@@ -1,7 +1,9 @@
-"""The CPU kernels as built for machines without AVX-512 (RNNKERNELS_CPU_ARCH=x86-64-v3, most laptops): there
-the float32 panel kernels of csrc/cpu/panels.h compile out and the per-step GEMM path runs instead, which a
-build on an AVX-512 machine, like CI's, never exercises. A copy of the tree is built that way and runs the
-CPU tests of the modules against torch.nn."""
+"""The CPU kernels as built for machines without AVX-512, which a build on an AVX-512 machine, like CI's, never
+exercises: x86-64-v3 (AVX2 with FMA, most laptops), where the float32 gate math runs on 8 lanes
+(csrc/cpu/float_lanes.h), and x86-64-v2, where it runs one unit at a time as on CPUs with neither (the
+float32 path of ARM builds). In both the panel kernels of csrc/cpu/panels.h compile out and the per-step
+GEMM path runs instead. A copy of the tree is built each way and runs the CPU tests of the gate math and
+the modules against torch.nn."""
 
 from __future__ import annotations
 
@@ -20,11 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86-64 build option")
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
-def test_build_without_avx512_matches_torch(tmp_path):
+@pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64-v2"])
+def test_build_without_avx512_matches_torch(tmp_path, arch):
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
         ".git", "build", "*.so", "__pycache__", "*.egg-info", "benchmarks", "examples", "docs"))
-    env = {**os.environ, "RNNKERNELS_CPU_ARCH": "x86-64-v3", "RNNKERNELS_CUDA": "0", "PYTHONPATH": str(src)}
+    env = {**os.environ, "RNNKERNELS_CPU_ARCH": arch, "RNNKERNELS_CUDA": "0", "PYTHONPATH": str(src)}
     build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=src, env=env,
                            capture_output=True, text=True)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
@@ -32,8 +35,8 @@ def test_build_without_avx512_matches_torch(tmp_path):
                            cwd=src, env=env, capture_output=True, text=True)
     assert where.stdout.startswith(str(src)) and where.stdout.strip().endswith("None"), where.stdout + where.stderr
     tests = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_threads.py",
-         "tests/test_modules.py", "-k", "not cuda and not triton and not reference"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cell_math.py",
+         "tests/test_threads.py", "tests/test_modules.py", "-k", "not cuda and not triton and not reference"],
         cwd=src, env=env, capture_output=True, text=True)
     assert tests.returncode == 0, tests.stdout[-5000:] + tests.stderr[-2000:]
     passed = re.search(r"(\d+) passed", tests.stdout)

@@ -273,7 +273,7 @@ void panel_product(const PanelWeight& w, const PanelRows& h, const Epilogue& epi
       const int64_t blk = task / grouping.groups, first = (task % grouping.groups) * grouping.tiles;
       const int64_t last = std::min(row_tiles, first + grouping.tiles);
       const int64_t columns = std::clamp<int64_t>(w.columns - blk * width, 0, width);  // readable in the block
-      for (int64_t p = 0; p < w.panels; ++p) masks[p] = Lanes<float>::mask(columns - p * kLanes);
+      for (int64_t p = 0; p < w.panels; ++p) masks[p] = FloatRegister::first(columns - p * kLanes);
       const float* wb = w.data + blk * w.block_stride;
       const float* bb = bias + blk * width;
       const auto first_row = [&](int64_t tile) { return tile * h.rows / row_tiles; };
@@ -392,7 +392,7 @@ inline void dots(const float* w, int64_t ldw, int count, const float* v, int64_t
   for (int q = 0; q < 4; ++q)
     for (int r = 0; r < kVectors; ++r) acc[q][r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += kLanes) {
-    const __mmask16 mask = Lanes<float>::mask(K - k);
+    const __mmask16 mask = FloatRegister::first(K - k);
     __m512 vk[kVectors];
     for (int r = 0; r < kVectors; ++r) vk[r] = _mm512_maskz_loadu_ps(mask, v + r * ldv + k);
     for (int q = 0; q < 4; ++q) {
