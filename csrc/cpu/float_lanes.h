@@ -39,10 +39,13 @@ struct FloatRegister {
   using type = __m512;
   using mask = __mmask16;
   static constexpr int64_t width = 16;
+  static constexpr int registers = 32;
   static type broadcast(float x) { return _mm512_set1_ps(x); }
   static type add(type a, type b) { return _mm512_add_ps(a, b); }
   static type subtract(type a, type b) { return _mm512_sub_ps(a, b); }
   static type multiply(type a, type b) { return _mm512_mul_ps(a, b); }
+  static type fmadd(type a, type b, type c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(type x) { return _mm512_reduce_add_ps(x); }
   // a times an estimate of 1 / b (14 bits) refined by one Newton step, within about an ulp of a / b for
   // finite normal b (0 and infinite b give NaN; every division in cell_math.h is by 1 + exp(.) >= 1).
   // _mm512_div_ps took about 40% of the LSTM's gate math on Zen 5: one step of 32 x 256 cells, 22 against
@@ -70,22 +73,27 @@ struct FloatRegister {
   static mask first(int64_t count) {
     return static_cast<mask>((uint32_t{1} << std::clamp<int64_t>(count, 0, width)) - 1);
   }
-  static type load(const float* p, int64_t count) {
-    return count >= width ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(first(count), p);
-  }
-  static void store(float* p, type v, int64_t count) {
-    count >= width ? _mm512_storeu_ps(p, v) : _mm512_mask_storeu_ps(p, first(count), v);
-  }
+  static type load(const float* p) { return _mm512_loadu_ps(p); }
+  static type load_masked(const float* p, mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  static void store(float* p, type v) { _mm512_storeu_ps(p, v); }
+  static void store_masked(float* p, mask m, type v) { _mm512_mask_storeu_ps(p, m, v); }
 };
 #elif defined(RNNKERNELS_FLOAT_LANES)
 struct FloatRegister {
   using type = __m256;
   using mask = __m256;  // all ones in the lanes that hold
   static constexpr int64_t width = 8;
+  static constexpr int registers = 16;
   static type broadcast(float x) { return _mm256_set1_ps(x); }
   static type add(type a, type b) { return _mm256_add_ps(a, b); }
   static type subtract(type a, type b) { return _mm256_sub_ps(a, b); }
   static type multiply(type a, type b) { return _mm256_mul_ps(a, b); }
+  static type fmadd(type a, type b, type c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(type x) {
+    const __m128 half = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
+  }
   // A true division: a 256-bit one costs a few cycles on AVX2 machines, and _mm256_rcp_ps's 12 bits
   // refined once would leave about an ulp of error of their own.
   static type divide(type a, type b) { return _mm256_div_ps(a, b); }
@@ -109,13 +117,11 @@ struct FloatRegister {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(count, 0, width))), lane));
   }
+  static type load(const float* p) { return _mm256_loadu_ps(p); }
   // Masked lanes are neither read nor written, so a row's tail needs no padding past its end.
-  static type load(const float* p, int64_t count) {
-    return count >= width ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, _mm256_castps_si256(first(count)));
-  }
-  static void store(float* p, type v, int64_t count) {
-    count >= width ? _mm256_storeu_ps(p, v) : _mm256_maskstore_ps(p, _mm256_castps_si256(first(count)), v);
-  }
+  static type load_masked(const float* p, mask m) { return _mm256_maskload_ps(p, _mm256_castps_si256(m)); }
+  static void store(float* p, type v) { _mm256_storeu_ps(p, v); }
+  static void store_masked(float* p, mask m, type v) { _mm256_maskstore_ps(p, _mm256_castps_si256(m), v); }
 };
 #endif
 
@@ -165,8 +171,13 @@ template <>
 struct Lanes<float> {
   using type = FloatLanes;
   static constexpr int64_t width = FloatRegister::width;
-  static type load(const float* p, int64_t count) { return FloatLanes(FloatRegister::load(p, count)); }
-  static void store(float* p, type v, int64_t count) { FloatRegister::store(p, v.v, count); }
+  using R = FloatRegister;
+  static type load(const float* p, int64_t count) {
+    return FloatLanes(count >= width ? R::load(p) : R::load_masked(p, R::first(count)));
+  }
+  static void store(float* p, type v, int64_t count) {
+    count >= width ? R::store(p, v.v) : R::store_masked(p, R::first(count), v.v);
+  }
 };
 #endif
 

@@ -1,15 +1,18 @@
-// The float32 CPU kernels built for AVX-512 (csrc/cpu/recurrence.cpp decides where they run):
-// - panel_product: y = h W^T (+ b) with W in panels of 16 output columns, packed once per sequence or read
+// The float32 CPU kernels built on the vector registers of float_lanes.h, AVX-512 or AVX2 with FMA
+// (csrc/cpu/recurrence.cpp decides where they run):
+// - panel_product: y = h W^T (+ b) with W in panels of one register's width of output columns (kLanes: 16
+//   with AVX-512, 8 with AVX2), packed once per sequence or read
 //   in place; a CPU analogue of the persistent GPU kernels. Every thread keeps the panels of its own
 //   output columns in its cache across the time steps, and each register tile of rows x panels goes
 //   straight to an epilogue (a cell's gate math) while in L1. Also the weight gradients (panel_matmul_tn)
 //   and products with few output columns (panel_linear).
 // - dots: one step of up to four sequences (generation), each weight row read once.
 //
-// Assumes: float32; AVX-512F at build time (the build is -march=native by default; elsewhere kPanelGemm
-// is false and the callers use oneDNN/BLAS). Output columns are grouped into blocks of 2, 3 or 4 panels:
-// for the LSTM and GRU a block holds all gates of 16 hidden units (panel p = gate p), so that one tile
-// carries whole cells; otherwise it holds 64 consecutive columns (32 where N <= 32). Packed columns
+// Assumes: float32; AVX-512F, or AVX2 and FMA, at build time (the build is -march=native by default;
+// elsewhere kPanelGemm is false and the callers use oneDNN/BLAS). Output columns are grouped into blocks
+// of 2, 3 or 4 panels: for the LSTM and GRU a block holds all gates of kLanes hidden units (panel p = gate
+// p), so that one tile carries whole cells; otherwise it holds 4 * kLanes consecutive columns (2 * kLanes
+// where N <= 2 * kLanes). Packed columns
 // beyond N are zero; in place, loads past N are masked. Nothing past N is stored.
 #pragma once
 #include <ATen/ATen.h>
@@ -23,19 +26,15 @@
 #include "buffers.h"
 #include "float_lanes.h"
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 namespace rnnkernels {
 
-#if defined(__AVX512F__)
+#if defined(RNNKERNELS_FLOAT_LANES)
 constexpr bool kPanelGemm = true;
+constexpr int64_t kLanes = FloatRegister::width;  // the width of a panel
 #else
 constexpr bool kPanelGemm = false;
+constexpr int64_t kLanes = 16;  // unused: no panel product runs
 #endif
-
-constexpr int64_t kLanes = 16;  // float32 lanes of one AVX-512 register: the width of a panel
 
 // Inputs per running sum: a panel product sums K in chunks of kChunk and then adds the chunks' sums, as
 // BLAS kernels split K. One running sum over thousands of inputs (the input gradient of ptb-medium sums
@@ -134,53 +133,62 @@ inline PanelWeight pack_panels(const at::Tensor& w, const std::optional<at::Tens
   return p;
 }
 
-#if defined(__AVX512F__)
-// out (rows, panels * 16) = bias + h[rows] W_block^T over inputs [k0, k1), or out += that sum without the
-// bias where `accumulate`; h[r][k] = h[r * row_stride + k * k_stride]. This and panel_tile_rows are always
-// inlined: emitted out of line (as GCC 12 chose for a caller of its own), the tile kept its accumulators in
-// memory, at a third of the speed.
-template <int kRows, int kPanels>
+#if defined(RNNKERNELS_FLOAT_LANES)
+// out (rows, panels * kLanes) = bias + h[rows] W_block^T over inputs [k0, k1), or out += that sum without
+// the bias where `accumulate`; h[r][k] = h[r * row_stride + k * k_stride]. kMasked: the block's columns
+// end within it, so its loads are masked (a masked load costs extra instructions with AVX2). This and
+// panel_tile_rows are always inlined: emitted out of line (as GCC 12 chose for a caller of its own), the
+// tile kept its accumulators in memory, at a third of the speed.
+template <int kRows, int kPanels, bool kMasked>
 [[gnu::always_inline]] inline void panel_tile(const float* __restrict__ h, int64_t row_stride, int64_t k_stride,
-                       const float* __restrict__ w, int64_t w_stride, const __mmask16* masks,
-                       const float* __restrict__ bias, int64_t k0, int64_t k1, bool accumulate,
-                       float* __restrict__ out) {
-  __m512 acc[kRows][kPanels];
+                                              const float* __restrict__ w, int64_t w_stride,
+                                              const FloatRegister::mask* masks, const float* __restrict__ bias,
+                                              int64_t k0, int64_t k1, bool accumulate, float* __restrict__ out) {
+  using R = FloatRegister;
+  R::type acc[kRows][kPanels];
   for (int p = 0; p < kPanels; ++p) {
-    const __m512 b = accumulate ? _mm512_setzero_ps() : _mm512_loadu_ps(bias + p * kLanes);
+    const R::type b = accumulate ? R::broadcast(0.f) : R::load(bias + p * kLanes);
     for (int r = 0; r < kRows; ++r) acc[r][p] = b;
   }
   for (int64_t k = k0; k < k1; ++k) {
-    __m512 wk[kPanels];
-    for (int p = 0; p < kPanels; ++p) wk[p] = _mm512_maskz_loadu_ps(masks[p], w + k * w_stride + p * kLanes);
+    R::type wk[kPanels];
+    for (int p = 0; p < kPanels; ++p) {
+      const float* wp = w + k * w_stride + p * kLanes;
+      wk[p] = kMasked ? R::load_masked(wp, masks[p]) : R::load(wp);
+    }
     for (int r = 0; r < kRows; ++r) {
-      const __m512 x = _mm512_set1_ps(h[r * row_stride + k * k_stride]);
-      for (int p = 0; p < kPanels; ++p) acc[r][p] = _mm512_fmadd_ps(wk[p], x, acc[r][p]);
+      const R::type x = R::broadcast(h[r * row_stride + k * k_stride]);
+      for (int p = 0; p < kPanels; ++p) acc[r][p] = R::fmadd(wk[p], x, acc[r][p]);
     }
   }
   for (int r = 0; r < kRows; ++r) {
     for (int p = 0; p < kPanels; ++p) {
       float* o = out + (r * kPanels + p) * kLanes;
-      _mm512_storeu_ps(o, accumulate ? _mm512_add_ps(_mm512_loadu_ps(o), acc[r][p]) : acc[r][p]);
+      R::store(o, accumulate ? R::add(R::load(o), acc[r][p]) : acc[r][p]);
     }
   }
 }
 
-// Rows per tile: enough accumulators to cover the FMA latency, within the 32 vector registers.
+// Rows per tile: enough accumulators to cover the FMA latency (24 at most), within the vector registers
+// less four. AVX-512: 12, 8 and 6 rows of 2, 3 and 4 panels; AVX2: 6, 4 and 3, 12 accumulators, where the
+// compiler takes a block's weights as FMA memory operands when registers run short. Measured with AVX2 on
+// one core (Zen 5, 256-bit FMAs), LSTM 32 x 256: 118 GFLOP/s, against 80 for tiles of 2 rows that leave
+// a register for each weight, and 98-102 for 14-15 accumulators.
 template <int kPanels>
-constexpr int kTileRows = kPanels == 2 ? 12 : kPanels == 3 ? 8 : 6;
+constexpr int kTileRows = std::min(24 / kPanels, (FloatRegister::registers - 4) / kPanels);
 
-template <int kPanels, int kRows = kTileRows<kPanels>>
+template <int kPanels, bool kMasked, int kRows = kTileRows<kPanels>>
 [[gnu::always_inline]] inline void panel_tile_rows(int rows, const float* h, int64_t row_stride, int64_t k_stride,
-                                                   const float* w, int64_t w_stride, const __mmask16* masks,
+                                                   const float* w, int64_t w_stride, const FloatRegister::mask* masks,
                                                    const float* bias, int64_t k0, int64_t k1, bool accumulate,
                                                    float* out) {
   if constexpr (kRows > 0) {
     if (rows == kRows) {
-      return panel_tile<kRows, kPanels>(h, row_stride, k_stride, w, w_stride, masks, bias, k0, k1, accumulate,
-                                        out);
+      return panel_tile<kRows, kPanels, kMasked>(h, row_stride, k_stride, w, w_stride, masks, bias, k0, k1,
+                                                 accumulate, out);
     }
-    return panel_tile_rows<kPanels, kRows - 1>(rows, h, row_stride, k_stride, w, w_stride, masks, bias, k0, k1,
-                                               accumulate, out);
+    return panel_tile_rows<kPanels, kMasked, kRows - 1>(rows, h, row_stride, k_stride, w, w_stride, masks, bias,
+                                                        k0, k1, accumulate, out);
   }
 }
 #endif
@@ -234,7 +242,7 @@ inline RowGroups row_groups(int64_t row_tiles, int64_t blocks, int64_t most) {
   return {(row_tiles + tiles - 1) / tiles, tiles};  // no group left empty
 }
 
-#if defined(__AVX512F__)
+#if defined(RNNKERNELS_FLOAT_LANES)
 // Row tiles per task of panel_product where its caller does not ask for all of them, and the floats of
 // the largest tile. At namespace scope: as the function's own constants, used inside its lambda, they
 // made GCC 12.2 stop with an internal compiler error.
@@ -253,9 +261,9 @@ constexpr int64_t kTileFloats = std::max({kTileRows<2> * 2, kTileRows<3> * 3, kT
 // its cache from step to step.
 template <typename Epilogue>
 void panel_product(const PanelWeight& w, const PanelRows& h, const Epilogue& epilogue, bool all_row_tiles = false) {
-#if defined(__AVX512F__)
-  // As many tiles as the register budget needs, their rows spread evenly (32 rows: 6 tiles of 5 or 6,
-  // not five of 6 and one of 2, which runs at a third of the speed).
+#if defined(RNNKERNELS_FLOAT_LANES)
+  // As many tiles as the register budget needs, their rows spread evenly (AVX-512, 32 rows: 6 tiles of 5
+  // or 6, not five of 6 and one of 2, which runs at a third of the speed).
   const int64_t max_rows = w.panels == 2 ? kTileRows<2> : w.panels == 3 ? kTileRows<3> : kTileRows<4>;
   const int64_t width = w.panels * kLanes;
   const int64_t row_tiles = (h.rows + max_rows - 1) / max_rows;
@@ -268,12 +276,13 @@ void panel_product(const PanelWeight& w, const PanelRows& h, const Epilogue& epi
     std::vector<float> tiles_on_heap(grouping.tiles > kTilesPerTask ? grouping.tiles * kTileFloats : 0);
     float* const out = tiles_on_heap.empty() ? tiles_here : tiles_on_heap.data();
     std::vector<float> chunk(copy ? kChunk * width : 0);
-    __mmask16 masks[4];
+    FloatRegister::mask masks[4];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t blk = task / grouping.groups, first = (task % grouping.groups) * grouping.tiles;
       const int64_t last = std::min(row_tiles, first + grouping.tiles);
       const int64_t columns = std::clamp<int64_t>(w.columns - blk * width, 0, width);  // readable in the block
       for (int64_t p = 0; p < w.panels; ++p) masks[p] = FloatRegister::first(columns - p * kLanes);
+      const bool masked = columns < width;
       const float* wb = w.data + blk * w.block_stride;
       const float* bb = bias + blk * width;
       const auto first_row = [&](int64_t tile) { return tile * h.rows / row_tiles; };
@@ -283,23 +292,26 @@ void panel_product(const PanelWeight& w, const PanelRows& h, const Epilogue& epi
           std::memcpy(chunk.data() + (k - k0) * width, wb + k * w.k_stride, sizeof(float) * columns);
         }
         const float* wk = copy ? chunk.data() : wb + k0 * w.k_stride;
-        // The chunk's tiles, the number of panels a constant: chosen per tile, it cost the weight gradients
-        // 4% (GCC 12).
-        const auto chunk_tiles = [&](auto panels) {
+        // The chunk's tiles, the number of panels and the masking constants: chosen per tile, the panels
+        // cost the weight gradients 4% (GCC 12).
+        const auto chunk_tiles = [&](auto panels, auto with_masks) {
           for (int64_t tile = first; tile < last; ++tile) {
             const int64_t r0 = first_row(tile);
             const float* hk = h.data + r0 * h.row_stride + k0 * h.k_stride;
-            panel_tile_rows<decltype(panels)::value>(static_cast<int>(first_row(tile + 1) - r0), hk, h.row_stride,
-                                                     h.k_stride, wk, copy ? width : w.k_stride, masks, bb, 0,
-                                                     k1 - k0, k0 > 0, out + (tile - first) * kTileFloats);
+            panel_tile_rows<decltype(panels)::value, decltype(with_masks)::value>(
+                static_cast<int>(first_row(tile + 1) - r0), hk, h.row_stride, h.k_stride, wk,
+                copy ? width : w.k_stride, masks, bb, 0, k1 - k0, k0 > 0, out + (tile - first) * kTileFloats);
           }
         };
+        const auto with_panels = [&](auto panels) {
+          masked ? chunk_tiles(panels, std::true_type()) : chunk_tiles(panels, std::false_type());
+        };
         if (w.panels == 2) {
-          chunk_tiles(std::integral_constant<int, 2>());
+          with_panels(std::integral_constant<int, 2>());
         } else if (w.panels == 3) {
-          chunk_tiles(std::integral_constant<int, 3>());
+          with_panels(std::integral_constant<int, 3>());
         } else {
-          chunk_tiles(std::integral_constant<int, 4>());
+          with_panels(std::integral_constant<int, 4>());
         }
       }
       const int64_t j0 = blk * w.units, n = std::min(w.units, w.outputs - j0);
@@ -312,7 +324,7 @@ void panel_product(const PanelWeight& w, const PanelRows& h, const Epilogue& epi
   });
 #else
   (void)w, (void)h, (void)epilogue;
-  TORCH_CHECK(false, "rnnkernels: the panel kernels need AVX-512 at build time");
+  TORCH_CHECK(false, "rnnkernels: the panel kernels need AVX-512 or AVX2 with FMA at build time");
 #endif
 }
 
@@ -380,31 +392,39 @@ inline at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& w, cons
 // this way, with no packing to repay (panel_product packs per call).
 constexpr int kDotRows = 4;
 
-#if defined(__AVX512F__)
+#if defined(RNNKERNELS_FLOAT_LANES)
 // out[q][r] = sum_k w[q * ldw + k] v[r * ldv + k] for the `count` <= 4 rows q of w and kVectors vectors r:
-// four rows at a time so that the sums advance in independent chains.
+// several rows at a time (all four, but for AVX2's 16 registers with 4 vectors: two) so that the sums
+// advance in independent chains.
 template <int kVectors>
 inline void dots(const float* w, int64_t ldw, int count, const float* v, int64_t ldv, int64_t K,
                  float (*out)[kDotRows]) {
-  const float* rows[4];
-  for (int q = 0; q < 4; ++q) rows[q] = w + std::min(q, count - 1) * ldw;  // past count: repeats, unused
-  __m512 acc[4][kVectors];
-  for (int q = 0; q < 4; ++q)
-    for (int r = 0; r < kVectors; ++r) acc[q][r] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += kLanes) {
-    const __mmask16 mask = FloatRegister::first(K - k);
-    __m512 vk[kVectors];
-    for (int r = 0; r < kVectors; ++r) vk[r] = _mm512_maskz_loadu_ps(mask, v + r * ldv + k);
-    for (int q = 0; q < 4; ++q) {
-      // 1 KiB ahead on each row: the hardware prefetcher alone leaves a step at hidden 1024, which streams
-      // 32 MB of weights, at half the memory bandwidth.
-      _mm_prefetch(reinterpret_cast<const char*>(rows[q] + k + 16 * kLanes), _MM_HINT_T0);
-      const __m512 wk = _mm512_maskz_loadu_ps(mask, rows[q] + k);
-      for (int r = 0; r < kVectors; ++r) acc[q][r] = _mm512_fmadd_ps(wk, vk[r], acc[q][r]);
+  using R = FloatRegister;
+  constexpr int kRowsAtOnce = std::min(kDotRows, (R::registers - kVectors - 1) / kVectors);
+  // 1 KiB ahead on each row: the hardware prefetcher alone leaves a step at hidden 1024, which streams
+  // 32 MB of weights, at half the memory bandwidth.
+  constexpr int64_t kAhead = 1024 / sizeof(float);
+  for (int q0 = 0; q0 < count; q0 += kRowsAtOnce) {
+    const float* rows[kRowsAtOnce];
+    for (int q = 0; q < kRowsAtOnce; ++q) rows[q] = w + std::min(q0 + q, count - 1) * ldw;  // past count: unused
+    R::type acc[kRowsAtOnce][kVectors];
+    for (int q = 0; q < kRowsAtOnce; ++q)
+      for (int r = 0; r < kVectors; ++r) acc[q][r] = R::broadcast(0.f);
+    for (int64_t k = 0; k < K; k += kLanes) {
+      const bool tail = K - k < kLanes;
+      const R::mask mask = R::first(K - k);
+      const auto load = [&](const float* p) { return tail ? R::load_masked(p, mask) : R::load(p); };
+      R::type vk[kVectors];
+      for (int r = 0; r < kVectors; ++r) vk[r] = load(v + r * ldv + k);
+      for (int q = 0; q < kRowsAtOnce; ++q) {
+        _mm_prefetch(reinterpret_cast<const char*>(rows[q] + k + kAhead), _MM_HINT_T0);
+        const R::type wk = load(rows[q] + k);
+        for (int r = 0; r < kVectors; ++r) acc[q][r] = R::fmadd(wk, vk[r], acc[q][r]);
+      }
     }
+    for (int q = 0; q < std::min(kRowsAtOnce, count - q0); ++q)
+      for (int r = 0; r < kVectors; ++r) out[q0 + q][r] = R::sum(acc[q][r]);
   }
-  for (int q = 0; q < count; ++q)
-    for (int r = 0; r < kVectors; ++r) out[q][r] = _mm512_reduce_add_ps(acc[q][r]);
 }
 
 inline void dots_of(int vectors, const float* w, int64_t ldw, int count, const float* v, int64_t ldv, int64_t K,

@@ -602,14 +602,14 @@ Tensor linear_cpu(const Tensor& x, const Tensor& w, const std::optional<Tensor>&
   return linear_once(x, w, b);
 }
 
-// One step of a small batch (generation), float32: per block of 16 hidden units, the dot products of the
+// One step of a small batch (generation), float32: per block of kLanes hidden units, the dot products of the
 // block's rows of W_ih and W_hh with each sequence's input and state, then its cells, in one parallel
 // pass that reads each weight once. The workspace is the sequence forward's at T = 1.
 template <Cell cell>
 Tensors3 step_small_batch(const Tensor& x_in, const Tensor& h_in, const std::optional<Tensor>& c_in,
                           const Tensor& w_ih_in, const Tensor& w_hh_in, const std::optional<Tensor>& b_ih_in,
                           const std::optional<Tensor>& b_hh_in, bool keep) {
-#if defined(__AVX512F__)
+#if defined(RNNKERNELS_FLOAT_LANES)
   const Tensor x = x_in.contiguous(), h = h_in.contiguous(), w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
   const std::optional<Tensor> b_ih = contiguous(b_ih_in), b_hh = contiguous(b_hh_in);
   const int64_t B = x.size(0), I = x.size(1), H = h.size(1), G = gates_of(cell), W = workspace_width(cell, H);
@@ -622,7 +622,7 @@ Tensors3 step_small_batch(const Tensor& x_in, const Tensor& h_in, const std::opt
   float *h_out = h_next.data_ptr<float>(), *c_out = cell == Cell::LSTM ? c_next.data_ptr<float>() : nullptr,
         *ws_out = keep ? workspace.data_ptr<float>() : nullptr;
   at::parallel_for(0, (H + kLanes - 1) / kLanes, 1, [&](int64_t begin, int64_t end) {
-    // Per sequence, the input and recurrent parts of the block's pre-activations, gate g at g * 16.
+    // Per sequence, the input and recurrent parts of the block's pre-activations, gate g at g * kLanes.
     float pre_x[kDotRows][4 * kLanes], pre_h[kDotRows][4 * kLanes], ws[5 * kLanes], part[4][kDotRows];
     const int vectors = static_cast<int>(B);
     for (int64_t blk = begin; blk < end; ++blk) {
@@ -652,7 +652,7 @@ Tensors3 step_small_batch(const Tensor& x_in, const Tensor& h_in, const std::opt
   return {h_next, c_next, workspace};
 #else
   (void)x_in, (void)h_in, (void)c_in, (void)w_ih_in, (void)w_hh_in, (void)b_ih_in, (void)b_hh_in, (void)keep;
-  TORCH_CHECK(false, "rnnkernels: the small-batch step needs AVX-512 at build time");
+  TORCH_CHECK(false, "rnnkernels: the small-batch step needs AVX-512 or AVX2 with FMA at build time");
 #endif
 }
 
