@@ -93,8 +93,14 @@ TORCH_LIBRARY_IMPL(rnnkernels, CUDA, m) {
 }
 #endif
 
-// Importing rnnkernels._C runs the registrations above; the module itself holds nothing.
+// Importing rnnkernels._C runs the registrations above; the module itself holds one fact of the build:
+// CPU_FLOAT_LANES, the vector width of the CPU kernels (rnnkernels.ops, the benchmark's metadata).
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr && PyModule_AddIntConstant(m, "CPU_FLOAT_LANES", static_cast<long>(rnnkernels::cpu_float_lanes())) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 import rnnkernels
-from rnnkernels import backends
+from rnnkernels import backends, ops
 from rnnkernels.workloads import QUICK, WORKLOADS, Workload, lookup
 
 CELLS = ("lstm", "gru", "rnn")
@@ -545,6 +545,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+CPU_SETTINGS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS", "RNNKERNELS_CPU_CACHE_MB")
+
+
 def metadata(device: torch.device) -> dict:
     cuda = device.type == "cuda"
     return {
@@ -553,6 +556,10 @@ def metadata(device: torch.device) -> dict:
         "device": str(device),
         "cpu": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_float_lanes": ops.CPU_FLOAT_LANES,  # 16: built for AVX-512; 8: AVX2 with FMA; 1: neither
+        # settings that change what either side runs: oneDNN's and MKL's instruction sets (an AVX2 machine
+        # is ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 on an AVX-512 one), threads, our cache
+        "environment": {name: os.environ[name] for name in CPU_SETTINGS if name in os.environ},
         "gpu": torch.cuda.get_device_name(device) if cuda else None,
         "torch": torch.__version__,
         "cuda": torch.version.cuda if cuda else None,
@@ -622,6 +629,12 @@ def print_report(report: dict) -> None:
     """The table of a run, run now or saved, and a line saying so where it stopped before its last case
     (--time-limit, or killed)."""
     metadata, cases = report["metadata"], report["cases"]
+    about = [metadata["date_utc"], metadata.get("gpu") or metadata["cpu"], f"torch {metadata['torch']}",
+             f"commit {metadata['git_commit']}"]
+    if metadata.get("cpu_float_lanes"):
+        about.append(f"CPU kernels: {metadata['cpu_float_lanes']} float lanes")
+    about += [f"{name}={value}" for name, value in metadata.get("environment", {}).items()]
+    print(", ".join(about))
     print(table(cases, torch.device(metadata["device"])))
     planned = metadata.get("cases_planned")
     if planned is not None and len(cases) < planned:
@@ -650,8 +663,9 @@ def main(argv=None) -> None:
                            "backends": args.backends, "word_lm": args.word_lm, "cells": args.cells,
                            "dtypes": [str(d).removeprefix("torch.") for d in args.dtypes],
                            "workloads": [dataclasses.asdict(w) for w in args.workloads]}, "cases": []}
-    print(f"rnnkernels.bench on {device} ({report['metadata']['gpu'] or report['metadata']['cpu']}), "
-          f"{len(cases)} cases, {args.repeats} repeats", file=sys.stderr)
+    meta = report["metadata"]
+    where = meta["gpu"] or f"{meta['cpu']}; CPU kernels of {meta['cpu_float_lanes']} float lanes"
+    print(f"rnnkernels.bench on {device} ({where}), {len(cases)} cases, {args.repeats} repeats", file=sys.stderr)
     started = time.perf_counter()
     warm_up_process(device, args)
     for index, run in enumerate(cases, 1):

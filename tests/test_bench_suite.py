@@ -11,7 +11,7 @@ import torch
 
 import rnnkernels
 from helpers import DEVICES
-from rnnkernels import bench
+from rnnkernels import bench, ops
 from rnnkernels.workloads import Workload
 
 TINY = Workload("tiny", ("lstm", "gru", "rnn"), 2, 5, 8, 4, 3, "test")
@@ -52,13 +52,17 @@ def test_wrong_candidate_is_flagged_and_not_timed():
     assert not verdicts["cpu"]["correct"] and "output" in verdicts["cpu"]["failing"]
 
 
-def test_report_round_trip(tmp_path, capsys):
+def test_report_round_trip(tmp_path, capsys, monkeypatch):
+    """The report names what the figures depend on beyond the device: the CPU kernels' vector width and
+    the settings that change what either side runs (an AVX2 machine emulated on an AVX-512 one)."""
     case = bench.run_case(TINY, "lstm", torch.float32, torch.device("cpu"), settings())
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # after the run: oneDNN reads it once, at its first call
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"metadata": bench.metadata(torch.device("cpu")), "cases": [case]}))
     bench.main(["--report", str(path)])
     text = capsys.readouterr().out
     assert "tiny" in text and "torch.nn" in text and "cpu" in text
+    assert f"CPU kernels: {ops.CPU_FLOAT_LANES} float lanes" in text and "ONEDNN_MAX_CPU_ISA=AVX2" in text
 
 
 def test_run_cut_short_keeps_its_finished_cases(tmp_path, monkeypatch, capsys):

@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86-64 build option")
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
-@pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64-v2"])
-def test_build_without_avx512_matches_torch(tmp_path, arch):
+@pytest.mark.parametrize(("arch", "lanes"), [("x86-64-v3", 8), ("x86-64-v2", 1)])
+def test_build_without_avx512_matches_torch(tmp_path, arch, lanes):
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
         ".git", "build", "*.so", "__pycache__", "*.egg-info", "benchmarks", "examples", "docs"))
@@ -31,9 +31,11 @@ def test_build_without_avx512_matches_torch(tmp_path, arch):
     build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=src, env=env,
                            capture_output=True, text=True)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    where = subprocess.run([sys.executable, "-c", "import rnnkernels.ops as o; print(o.__file__, o.LOAD_ERROR)"],
-                           cwd=src, env=env, capture_output=True, text=True)
-    assert where.stdout.startswith(str(src)) and where.stdout.strip().endswith("None"), where.stdout + where.stderr
+    where = subprocess.run(
+        [sys.executable, "-c", "import rnnkernels.ops as o; print(o.__file__, o.LOAD_ERROR, o.CPU_FLOAT_LANES)"],
+        cwd=src, env=env, capture_output=True, text=True)
+    assert where.stdout.startswith(str(src)) and where.stdout.split()[1:] == ["None", str(lanes)], (
+        where.stdout + where.stderr)
     tests = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cell_math.py",
          "tests/test_threads.py", "tests/test_modules.py", "-k", "not cuda and not triton and not reference"],

@@ -597,6 +597,10 @@ Tensors6 backward_cpu(const Tensor& grad_output_in, const Tensor& grad_h_n,
   return {grad_gx, dh, dc, grad_w_hh, grad_b_hh, grad_w_hr};
 }
 
+int64_t cpu_float_lanes() {
+  return Lanes<float>::width;
+}
+
 Tensor linear_cpu(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
   check_linear_args(x, w, b);
   return linear_once(x, w, b);
