@@ -40,6 +40,7 @@ struct FloatRegister {
   using mask = __mmask16;
   static constexpr int64_t width = 16;
   static constexpr int registers = 32;
+  static constexpr bool free_masks = true;  // a masked load costs what a plain one does
   static type broadcast(float x) { return _mm512_set1_ps(x); }
   static type add(type a, type b) { return _mm512_add_ps(a, b); }
   static type subtract(type a, type b) { return _mm512_sub_ps(a, b); }
@@ -84,6 +85,7 @@ struct FloatRegister {
   using mask = __m256;  // all ones in the lanes that hold
   static constexpr int64_t width = 8;
   static constexpr int registers = 16;
+  static constexpr bool free_masks = false;  // vmaskmovps: extra instructions
   static type broadcast(float x) { return _mm256_set1_ps(x); }
   static type add(type a, type b) { return _mm256_add_ps(a, b); }
   static type subtract(type a, type b) { return _mm256_sub_ps(a, b); }
