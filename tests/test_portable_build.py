@@ -1,9 +1,9 @@
 """The CPU kernels as built for machines without AVX-512, which a build on an AVX-512 machine, like CI's, never
 exercises: x86-64-v3 (AVX2 with FMA, most laptops), where the float32 gate math runs on 8 lanes
 (csrc/cpu/float_lanes.h), and x86-64-v2, where it runs one unit at a time as on CPUs with neither (the
-float32 path of ARM builds). In both the panel kernels of csrc/cpu/panels.h compile out and the per-step
-GEMM path runs instead. A copy of the tree is built each way and runs the CPU tests of the gate math and
-the modules against torch.nn."""
+float32 path of ARM builds). The first runs the panel kernels of csrc/cpu/panels.h on 8-lane panels; in
+the second they compile out and the per-step GEMM path runs instead. A copy of the tree is built each way
+and runs the CPU tests of the gate math and the modules against torch.nn."""
 
 from __future__ import annotations
 

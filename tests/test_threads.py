@@ -61,12 +61,14 @@ def test_float32_partial_tiles_and_chunks(kind, packed, two_threads):
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("B", [1, 3, 5])
+@pytest.mark.parametrize("hidden", [37, 11])
+@pytest.mark.parametrize("B", [0, 1, 3, 4, 5])
 @pytest.mark.parametrize("kind", list(CELL_KINDS))
-def test_float32_cell_steps(kind, B, bias, two_threads):
-    """float32 cells: up to four sequences take the dot-product step (csrc/cpu/panels.h), more the GEMM one;
-    input and hidden sizes that leave part of a vector and of a block of 16 units."""
-    m = torch_module(kind, dtype=torch.float32, input_size=19, hidden_size=37, bias=bias)
+def test_float32_cell_steps(kind, B, hidden, bias, two_threads):
+    """float32 cells: one to four sequences take the dot-product step (csrc/cpu/panels.h; with AVX2, four
+    of them two weight rows at a time), none or more the GEMM one; input and hidden sizes that leave part of
+    a vector and of a block of units, and (11) a last group of 3 weight rows."""
+    m = torch_module(kind, dtype=torch.float32, input_size=19, hidden_size=hidden, bias=bias)
     t = twin(m, "cpu")
     x, h = cell_inputs(m, B=B, hx=True)
     check_twin(m, t, x, h)
@@ -126,8 +128,8 @@ def test_large_output_product(M, K, N, layout, bias, two_threads):
 # (rows, inputs, outputs): the input projection of lyrics-char (1027 inputs) and the input gradient of
 # ptb-medium (2600 inputs). The largest deviation from float64, relative to the largest output: a BLAS
 # product (torch.addmm) gives about 3.5e-7 here, the panel kernels' sums in chunks of 256 about 4.7e-7,
-# one running sum over all inputs (a plain oneDNN call) 1.1e-6 to 1.7e-6. Without AVX-512 at build time
-# (test_portable_build.py), oneDNN sums slices of 256 inputs.
+# one running sum over all inputs (a plain oneDNN call) 1.1e-6 to 1.7e-6. Without the panel kernels (a build
+# with neither AVX-512 nor AVX2: test_portable_build.py), oneDNN sums slices of 256 inputs.
 LONG_SUM_CASES = [(1120, 1027, 1024), (700, 2600, 650)]
 
 

@@ -43,16 +43,16 @@ constexpr bool kFreeMasks = true;
 // over 2600, a weight gradient over T * B) falls short of torch.nn's accuracy.
 constexpr int64_t kChunk = 256;
 
-// The right operand of a panel product. Block `blk` is a (K, panels * 16) row-major matrix, row k at
+// The right operand of a panel product. Block `blk` is a (K, panels * kLanes) row-major matrix, row k at
 // data + blk * block_stride + k * k_stride holding the weights of the block's columns against input k,
 // so the tile loop streams through it once per row group.
 struct PanelWeight {
   at::Tensor storage;     // what data points into: a packed copy, or the operand itself
   const float* data = nullptr;
   int64_t k_stride = 0, block_stride = 0;
-  at::Tensor bias;        // (blocks, panels * 16), zeros where there is no bias
+  at::Tensor bias;        // (blocks, panels * kLanes), zeros where there is no bias
   int64_t panels = 0;     // panels per block: 2, 3 or 4
-  int64_t units = 0;      // output units per block that the epilogue sees (16, or panels * 16)
+  int64_t units = 0;      // output units per block that the epilogue sees (kLanes, or panels * kLanes)
   int64_t blocks = 0;
   int64_t outputs = 0;    // output units in all (H, or N)
   int64_t K = 0;
@@ -82,8 +82,8 @@ inline PanelWeight panels_in_place(const at::Tensor& m) {
 }
 
 // Packs w (N, K), given by strides so that a transposed view needs no copy. gates > 1 (LSTM 4, GRU 3):
-// N = gates * H and a block is the rows g * H + j of 16 units j; gates == 1: a block is column_panels(N)
-// * 16 rows.
+// N = gates * H and a block is the rows g * H + j of kLanes units j; gates == 1: a block is
+// column_panels(N) * kLanes rows.
 inline PanelWeight pack_panels(const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t gates) {
   TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && (gates == 1 || gates == 3 || gates == 4),
               "rnnkernels: panel packing takes a float32 matrix of 1, 3 or 4 gates");
@@ -106,8 +106,8 @@ inline PanelWeight pack_panels(const at::Tensor& w, const std::optional<at::Tens
   const float* bias = b.has_value() ? b->data_ptr<float>() : nullptr;
   float* dst = p.storage.data_ptr<float>();
   float* dst_bias = p.bias.data_ptr<float>();
-  // Panel q of block blk holds rows first .. first + count - 1 of w (gate q of units blk * 16.., or the
-  // plain rows blk * p.units + q * 16..), zeros after them.
+  // Panel q of block blk holds rows first .. first + count - 1 of w (gate q of units blk * kLanes.., or
+  // the plain rows blk * p.units + q * kLanes..), zeros after them.
   at::parallel_for(0, p.blocks * p.panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t panel = begin; panel < end; ++panel) {
       const int64_t blk = panel / p.panels, q = panel % p.panels;
@@ -202,7 +202,7 @@ struct PanelRows {
 };
 
 // A finished tile of a panel product: rows [r0, r0 + rows) of h against output units [j0, j0 + n), row r
-// at row(r): the unit's gates 16 apart in a block of gates, else the n units in a row.
+// at row(r): the unit's gates kLanes apart in a block of gates, else the n units in a row.
 struct PanelTile {
   int64_t j0, n, r0;
   int rows;
@@ -441,6 +441,7 @@ inline void dots(const float* w, int64_t ldw, int count, const float* v, int64_t
 inline void dots_of(int vectors, const float* w, int64_t ldw, int count, const float* v, int64_t ldv, int64_t K,
                     float (*out)[kDotRows]) {
   switch (vectors) {
+    case 0: return;
     case 1: return dots<1>(w, ldw, count, v, ldv, K, out);
     case 2: return dots<2>(w, ldw, count, v, ldv, K, out);
     case 3: return dots<3>(w, ldw, count, v, ldv, K, out);

@@ -1,4 +1,4 @@
-// CPU recurrence kernels. float32 on AVX-512 builds: per time step one parallel pass of the panel kernels
+// CPU recurrence kernels. float32 on AVX-512 or AVX2 builds: per time step one parallel pass of the panel kernels
 // (panels.h) whose tiles go straight into the gate math (forward) or the gate gradients (backward).
 // Otherwise per time step one GEMM for the recurrent term, then one fused pass over batch x hidden for
 // every gate and the state update; the backward sweep likewise. Either way the weight gradients are
@@ -90,14 +90,15 @@ Tensor sum_over_input_slices(const Tensor& x, const Tensor& w, const std::option
 // slower), or BLAS where oneDNN is off or the product tiny.
 Tensor product(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
   // The panel kernels, where they run, take every product but those of at most kChunk inputs into outputs
-  // of at least a panel block (64) and below 32 MB, as timemachine's input projection (28 inputs: oneDNN
+  // of at least 64 columns and below 32 MB, as timemachine's input projection (28 inputs: oneDNN
   // 0.17 against 0.22 ms). Measured in turn in one process (2 cores, AVX-512):
   // - more inputs: oneDNN sums them in one running sum, at up to 3.6x the error of the panel kernels'
   //   sums in chunks (lyrics' input projection, 1027 inputs: 1.7e-6 against 4.7e-7 of the largest output,
   //   which left its RNN at 2.3x torch.nn's error), at the same speed within 4%, but for ptb-medium's input
   //   gradient (2600 inputs: 6.3 against 7.4 ms). Without the panel kernels, oneDNN takes such products
   //   in slices instead;
-  // - fewer output columns than a panel block (the input gradient of a character model: 1.6x);
+  // - fewer than 64 output columns, a block of 4 AVX-512 panels (the input gradient of a character model:
+  //   1.6x; the thresholds were measured with AVX-512, and the AVX2 build keeps them);
   // - outputs of 32 MB or more: glibc maps those afresh at every call (its mmap threshold stops there),
   //   and oneDNN's output then takes a page fault per 4 KB, where the panel kernels write into cached
   //   blocks (buffers.h): long-seq's input projection, 16,000 x 1024, 27 against 33 ms.
@@ -197,7 +198,7 @@ scalar_t* row(const Tensor& t, int64_t index, int64_t width) {
 
 // Row kernels: one (t, b) over `n` hidden units, Lanes<scalar_t>::width at a time (float_lanes.h), the
 // gates of a unit `xs` apart in x and the workspace and `rs` apart in the recurrent part r (H for a whole
-// row; 16 for a tile of the panel kernels). L::load(p + j, n - j) reads the units from j on.
+// row; kLanes for a tile of the panel kernels). L::load(p + j, n - j) reads the units from j on.
 template <bool keep, typename scalar_t, typename L = Lanes<scalar_t>>
 void lstm_forward_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, scalar_t* __restrict__ ws,
                       scalar_t* __restrict__ c, scalar_t* __restrict__ h, int64_t n, int64_t xs, int64_t rs) {
@@ -326,7 +327,7 @@ inline void prefetch_rows(const scalar_t* p, int64_t rows, int64_t stride, int64
   }
 }
 
-// Whether the panel kernels (panels.h) run a float32 recurrence of `steps` steps: built for AVX-512, no
+// Whether the panel kernels (panels.h) run a float32 recurrence of `steps` steps: built for them, no
 // projection (its second product per step stays below), and enough steps to repay packing the weight.
 bool use_panels(int64_t steps, bool projected) {
   constexpr int64_t kPackFromSteps = 4;
@@ -343,7 +344,7 @@ void forward_panels(const RecurrenceDims& d, const Steps& steps, const Tensor& g
   const int64_t B = d.B, H = d.H, GH = d.G * d.H, W = workspace_width(cell, H);
   const bool keep = workspace.size(2) > 0, state_in_output = steps.lengths == nullptr;
   const PanelWeight pw = pack_panels(w_hh, b_hh, d.G);
-  // pw.units (but for the RNN at H <= 32: 32, which then takes the general n)
+  // pw.units (but for the RNN at H <= 2 * kLanes: 2 * kLanes, which then takes the general n)
   constexpr int64_t kBlockUnits = cell == Cell::LSTM || cell == Cell::GRU ? kLanes : 4 * kLanes;
   Tensor h_other = state_in_output ? Tensor() : at::empty_like(h);
   const float* const gx_data = gx.data_ptr<float>();
@@ -665,7 +666,7 @@ Tensors3 step_cpu(const Tensor& x, const Tensor& h, const std::optional<Tensor>&
                   const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
                   const std::optional<Tensor>& w_hr, bool keep_workspace) {
   check_step_args(gates_of(cell), x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr);
-  if (kPanelGemm && x.scalar_type() == at::kFloat && !w_hr.has_value() && x.size(0) <= kDotRows) {
+  if (kPanelGemm && x.scalar_type() == at::kFloat && !w_hr.has_value() && x.size(0) > 0 && x.size(0) <= kDotRows) {
     return step_small_batch<cell>(x, h, c, w_ih, w_hh, b_ih, b_hh, keep_workspace);
   }
   // A step's projection sums over input_size only, as torch.nn's cells do: one GEMM, no K slices (whose
