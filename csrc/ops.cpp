@@ -98,7 +98,8 @@ TORCH_LIBRARY_IMPL(rnnkernels, CUDA, m) {
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   PyObject* m = PyModule_Create(&module);
-  if (m != nullptr && PyModule_AddIntConstant(m, "CPU_FLOAT_LANES", static_cast<long>(rnnkernels::cpu_float_lanes())) < 0) {
+  const long lanes = static_cast<long>(rnnkernels::cpu_float_lanes());
+  if (m != nullptr && PyModule_AddIntConstant(m, "CPU_FLOAT_LANES", lanes) < 0) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -117,7 +117,8 @@ struct FloatRegister {
   static type select(mask m, type then, type otherwise) { return _mm256_blendv_ps(otherwise, then, m); }
   static mask first(int64_t count) {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(count, 0, width))), lane));
+    const int lanes = static_cast<int>(std::clamp<int64_t>(count, 0, width));
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), lane));
   }
   static type load(const float* p) { return _mm256_loadu_ps(p); }
   // Masked lanes are neither read nor written, so a row's tail needs no padding past its end.
@@ -147,7 +148,8 @@ inline FloatLanes clamped(FloatLanes x, float lo, float hi) {  // NaN stays NaN:
   using R = FloatRegister;
   return FloatLanes(R::minimum(R::broadcast(hi), R::maximum(R::broadcast(lo), x.v)));
 }
-inline FloatLanes rounded(FloatLanes x) { return FloatLanes(FloatRegister::round(x.v)); }  // NaN: harmless to times_exp2
+// NaN stays NaN, harmless to times_exp2
+inline FloatLanes rounded(FloatLanes x) { return FloatLanes(FloatRegister::round(x.v)); }
 inline FloatLanes times_exp2(FloatLanes y, FloatLanes n) { return FloatLanes(FloatRegister::times_exp2(y.v, n.v)); }
 inline FloatLanes magnitude(FloatLanes x) { return FloatLanes(FloatRegister::magnitude(x.v)); }
 inline FloatLanes with_sign_of(FloatLanes m, FloatLanes x) { return FloatLanes(FloatRegister::with_sign_of(m.v, x.v)); }
