@@ -663,9 +663,8 @@ def main(argv=None) -> None:
                            "backends": args.backends, "word_lm": args.word_lm, "cells": args.cells,
                            "dtypes": [str(d).removeprefix("torch.") for d in args.dtypes],
                            "workloads": [dataclasses.asdict(w) for w in args.workloads]}, "cases": []}
-    meta = report["metadata"]
-    where = meta["gpu"] or f"{meta['cpu']}; CPU kernels of {meta['cpu_float_lanes']} float lanes"
-    print(f"rnnkernels.bench on {device} ({where}), {len(cases)} cases, {args.repeats} repeats", file=sys.stderr)
+    print(f"rnnkernels.bench on {device} ({report['metadata']['gpu'] or report['metadata']['cpu']}), "
+          f"{len(cases)} cases, {args.repeats} repeats", file=sys.stderr)
     started = time.perf_counter()
     warm_up_process(device, args)
     for index, run in enumerate(cases, 1):

@@ -19,11 +19,16 @@ pytestmark = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="compiled ext
 T, B, H = 64, 32, 256  # a sweep output of T * B * H floats: 2 MB, one block
 
 
-def sweep_output() -> torch.Tensor:
-    gx = torch.randn(T, B, 3 * H)
+def gru_sweep(steps: int) -> tuple[torch.Tensor, ...]:
+    """A GRU forward of `steps` steps on the cpu operator: its inputs and its output."""
+    gx = torch.randn(steps, B, 3 * H)
     h0 = torch.zeros(B, H)
     w_hh = torch.randn(3 * H, H) / H**0.5
-    return ops.forward_op("gru")(gx, h0, None, w_hh, None, None, None, False, False)[0]
+    return gx, h0, w_hh, ops.forward_op("gru")(gx, h0, None, w_hh, None, None, None, False, False)[0]
+
+
+def sweep_output() -> torch.Tensor:
+    return gru_sweep(T)[-1]
 
 
 def test_a_freed_block_is_reused():
@@ -82,10 +87,7 @@ def test_sizes_that_do_not_match_an_idle_block(steps):
     first = sweep_output()
     address = first.data_ptr()
     del first
-    gx = torch.randn(steps, B, 3 * H)
-    h0 = torch.zeros(B, H)
-    w_hh = torch.randn(3 * H, H) / H**0.5
-    out = ops.forward_op("gru")(gx, h0, None, w_hh, None, None, None, False, False)[0]
+    gx, h0, w_hh, out = gru_sweep(steps)
     assert (out.data_ptr() == address) == (steps == T)  # the output is the call's one buffer of a block or more
     expected = reference.recurrence("gru", gx.double(), h0.double(), None, w_hh.double(), None, None, None, False)[0]
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)

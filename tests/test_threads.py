@@ -103,9 +103,9 @@ def test_weight_gradient_product(R, M, N, threads):
 
 
 # (rows, inputs, outputs, how w is given): products whose output passes 32 MB run on the panel kernels into
-# cached blocks (csrc/cpu/recurrence.cpp, product; csrc/cpu/buffers.h): w row-major (packed), transposed (read in place), or with
-# neither stride 1; input counts off the multiple of 16, and a last block of 64 outputs that is partly past
-# the end.
+# cached blocks (csrc/cpu/recurrence.cpp, product; csrc/cpu/buffers.h): w row-major (packed), transposed
+# (read in place), or with neither stride 1; input counts off the multiple of 16, and a last block of 64
+# outputs that is partly past the end.
 LARGE_OUTPUT_CASES = [(8200, 37, 1030, "rows"), (8200, 40, 1024, "transposed"), (8193, 21, 1024, "strided")]
 
 

@@ -34,7 +34,7 @@ constexpr int64_t kLanes = FloatRegister::width;  // the width of a panel
 constexpr bool kFreeMasks = FloatRegister::free_masks;
 #else
 constexpr bool kPanelGemm = false;
-constexpr int64_t kLanes = 16;  // unused, as kFreeMasks: no panel product runs
+constexpr int64_t kLanes = 16;  // this and kFreeMasks unused: no panel product runs
 constexpr bool kFreeMasks = true;
 #endif
 
