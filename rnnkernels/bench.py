@@ -556,7 +556,7 @@ def metadata(device: torch.device) -> dict:
         "device": str(device),
         "cpu": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
-        "cpu_float_lanes": ops.CPU_FLOAT_LANES,  # 16: built for AVX-512; 8: AVX2 with FMA; 1: neither
+        "cpu_float_lanes": ops.CPU_FLOAT_LANES,  # 16: AVX-512; 8: AVX2 with FMA; 4: NEON; 1: none
         # settings that change what either side runs: oneDNN's and MKL's instruction sets (an AVX2 machine
         # is ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 on an AVX-512 one), threads, our cache
         "environment": {name: os.environ[name] for name in CPU_SETTINGS if name in os.environ},

@@ -21,7 +21,7 @@ try:
     from . import _C  # importing it registers the operators
 
     LOAD_ERROR: str | None = None
-    # float32 units per vector of the CPU kernels as built: 16 (AVX-512), 8 (AVX2 with FMA) or 1
+    # float32 units per vector of the CPU kernels as built: 16 (AVX-512), 8 (AVX2 with FMA), 4 (NEON) or 1
     CPU_FLOAT_LANES: int | None = getattr(_C, "CPU_FLOAT_LANES", None)  # None: a build older than this file
 except ImportError as error:  # a source checkout that was not built, or a torch ABI mismatch
     LOAD_ERROR = f"{type(error).__name__}: {error}"

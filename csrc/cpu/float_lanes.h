@@ -1,10 +1,11 @@
 // The row kernels' arithmetic: Lanes<scalar_t> loads, computes and stores `width` hidden units at a time.
-// For float32 that is FloatLanes where the build has AVX-512 (16 lanes) or AVX2 with FMA (8 lanes, most
-// laptops): a vector register as an arithmetic type, so that the gate math of cell_math.h, written once
-// for a scalar, runs on a register of units at once with its exp and tanh vectorised by hand (the
-// compiler's vectorisation of the scalar code took twice the time: its clamps, rounding and blends became
-// compares, blends and integer conversions; without AVX-512 it did not vectorise at all, and the gate math
-// took 45% of an LSTM forward). Otherwise one unit at a time, in at::opmath_type.
+// For float32 that is FloatLanes where the build has AVX-512 (16 lanes), AVX2 with FMA (8 lanes, most x86
+// laptops) or 64-bit ARM (NEON, 4 lanes: Apple silicon and other ARM laptops): a vector register as an
+// arithmetic type, so that the gate math of cell_math.h, written once for a scalar, runs on a register of
+// units at once with its exp and tanh vectorised by hand (the compiler's vectorisation of the scalar code
+// took twice the time: its clamps, rounding and blends became compares, blends and integer conversions;
+// without AVX-512 it did not vectorise at all, and the gate math took 45% of an LSTM forward). Otherwise
+// one unit at a time, in at::opmath_type.
 //
 // Assumes: loads and stores of `count` < width units are masked, so the rows need no padding.
 #pragma once
@@ -16,8 +17,28 @@
 
 #include "../cell_math.h"
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+// RNNKERNELS_EMULATE_NEON: the NEON code on an x86 build, through SIMDe's definitions of the NEON
+// intrinsics (tests/test_portable_build.py), since no ARM machine runs the tests.
+#if defined(RNNKERNELS_EMULATE_NEON)
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/arm/neon.h>
+#define RNNKERNELS_NEON 1
+#if !defined(vdivq_f32)  // not in SIMDe 0.7 (Debian 12): lane by lane, each an IEEE division as NEON's
+inline float32x4_t vdivq_f32(float32x4_t a, float32x4_t b) {
+  float quotient[4], divisor[4];
+  vst1q_f32(quotient, a);
+  vst1q_f32(divisor, b);
+  for (int i = 0; i < 4; ++i) quotient[i] /= divisor[i];
+  return vld1q_f32(quotient);
+}
+#endif
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define RNNKERNELS_NEON 1
+#elif defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#endif
+#if defined(RNNKERNELS_NEON) || defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #define RNNKERNELS_FLOAT_LANES 1
 #endif
 
@@ -32,9 +53,67 @@ struct Lanes {
 };
 
 // The instructions FloatLanes is made of, for one vector register of floats. NaN rules that cell_math.h
-// relies on: where an operand is NaN, minimum and maximum return the second one; comparisons take the
-// predicate's own NaN rule.
-#if defined(__AVX512F__)
+// relies on: where the second operand of minimum or maximum is NaN, the result is NaN; below (a < b) and
+// at_most (a <= b) are false where either is NaN.
+#if defined(RNNKERNELS_NEON)
+struct FloatRegister {
+  using type = float32x4_t;
+  using mask = uint32x4_t;  // all ones in the lanes that hold
+  static constexpr int64_t width = 4;
+  static constexpr int registers = 32;
+  static constexpr bool free_masks = false;  // no masked loads: lane by lane
+  static type broadcast(float x) { return vdupq_n_f32(x); }
+  static type add(type a, type b) { return vaddq_f32(a, b); }
+  static type subtract(type a, type b) { return vsubq_f32(a, b); }
+  static type multiply(type a, type b) { return vmulq_f32(a, b); }
+  static type fmadd(type a, type b, type c) { return vfmaq_f32(c, a, b); }
+  static float sum(type x) { return vaddvq_f32(x); }
+  static type divide(type a, type b) { return vdivq_f32(a, b); }
+  // NaN in either operand gives NaN, which keeps the rule above.
+  static type minimum(type a, type b) { return vminq_f32(a, b); }
+  static type maximum(type a, type b) { return vmaxq_f32(a, b); }
+  static type round(type x) { return vrndnq_f32(x); }  // half to even, as the x86 forms
+  // y * 2^n for integers n in [-126, 127] (host_exp's range), by building 2^n's exponent bits. NaN n
+  // converts to 0, which leaves y (NaN there too) NaN.
+  static type times_exp2(type y, type n) {
+    const int32x4_t exponent = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+    return vmulq_f32(y, vreinterpretq_f32_s32(exponent));
+  }
+  static uint32x4_t bits(type x) { return vreinterpretq_u32_f32(x); }
+  static uint32x4_t sign() { return vdupq_n_u32(0x80000000u); }
+  static type negate(type x) { return vnegq_f32(x); }
+  static type magnitude(type x) { return vabsq_f32(x); }
+  static type with_sign_of(type m, type x) {
+    return vreinterpretq_f32_u32(vorrq_u32(bits(m), vandq_u32(bits(x), sign())));
+  }
+  static mask below(type a, type b) { return vcltq_f32(a, b); }
+  static mask at_most(type a, type b) { return vcleq_f32(a, b); }
+  static type select(mask m, type then, type otherwise) { return vbslq_f32(m, then, otherwise); }
+  static mask first(int64_t count) {
+    const uint32_t lane[width] = {0, 1, 2, 3};
+    return vcltq_u32(vld1q_u32(lane), vdupq_n_u32(static_cast<uint32_t>(std::clamp<int64_t>(count, 0, width))));
+  }
+  static type load(const float* p) { return vld1q_f32(p); }
+  // Masked lanes are neither read nor written, so a row's tail needs no padding past its end.
+  static type load_masked(const float* p, mask m) {
+    uint32_t holds[width];
+    vst1q_u32(holds, m);
+    float lanes[width] = {};
+    for (int64_t i = 0; i < width; ++i)
+      if (holds[i]) lanes[i] = p[i];
+    return vld1q_f32(lanes);
+  }
+  static void store(float* p, type v) { vst1q_f32(p, v); }
+  static void store_masked(float* p, mask m, type v) {
+    uint32_t holds[width];
+    float lanes[width];
+    vst1q_u32(holds, m);
+    vst1q_f32(lanes, v);
+    for (int64_t i = 0; i < width; ++i)
+      if (holds[i]) p[i] = lanes[i];
+  }
+};
+#elif defined(__AVX512F__)
 struct FloatRegister {
   using type = __m512;
   using mask = __mmask16;
@@ -67,8 +146,8 @@ struct FloatRegister {
   static type with_sign_of(type m, type x) {
     return _mm512_castsi512_ps(_mm512_or_si512(bits(m), _mm512_and_si512(bits(x), sign())));
   }
-  template <int kPredicate>
-  static mask compare(type a, type b) { return _mm512_cmp_ps_mask(a, b, kPredicate); }
+  static mask below(type a, type b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  static mask at_most(type a, type b) { return _mm512_cmp_ps_mask(a, b, _CMP_LE_OQ); }
   static type select(mask m, type then, type otherwise) { return _mm512_mask_blend_ps(m, otherwise, then); }
   // The first `count` lanes (none for count <= 0, all from width on).
   static mask first(int64_t count) {
@@ -112,8 +191,8 @@ struct FloatRegister {
   static type negate(type x) { return _mm256_xor_ps(x, sign()); }
   static type magnitude(type x) { return _mm256_andnot_ps(sign(), x); }
   static type with_sign_of(type m, type x) { return _mm256_or_ps(m, _mm256_and_ps(x, sign())); }
-  template <int kPredicate>
-  static mask compare(type a, type b) { return _mm256_cmp_ps(a, b, kPredicate); }
+  static mask below(type a, type b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+  static mask at_most(type a, type b) { return _mm256_cmp_ps(a, b, _CMP_LE_OQ); }
   static type select(mask m, type then, type otherwise) { return _mm256_blendv_ps(otherwise, then, m); }
   static mask first(int64_t count) {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -155,7 +234,7 @@ inline FloatLanes magnitude(FloatLanes x) { return FloatLanes(FloatRegister::mag
 inline FloatLanes with_sign_of(FloatLanes m, FloatLanes x) { return FloatLanes(FloatRegister::with_sign_of(m.v, x.v)); }
 inline FloatLanes where_below(FloatLanes a, float limit, FloatLanes then, FloatLanes otherwise) {
   using R = FloatRegister;
-  return FloatLanes(R::select(R::compare<_CMP_LT_OQ>(a.v, R::broadcast(limit)), then.v, otherwise.v));
+  return FloatLanes(R::select(R::below(a.v, R::broadcast(limit)), then.v, otherwise.v));
 }
 
 template <>
@@ -164,10 +243,10 @@ struct Fn<FloatLanes> {
   static FloatLanes exp(FloatLanes x) { return host_exp(x); }
   static FloatLanes tanh(FloatLanes x) { return host_tanh(x); }
   static FloatLanes relu(FloatLanes x) {  // as Fn<float>: x where x > 0 or NaN, else +0
-    return FloatLanes(R::select(R::compare<_CMP_NLE_UQ>(x.v, R::broadcast(0.f)), x.v, R::broadcast(0.f)));
+    return FloatLanes(R::select(R::at_most(x.v, R::broadcast(0.f)), R::broadcast(0.f), x.v));
   }
   static FloatLanes positive(FloatLanes x) {  // 0 where x <= 0, else 1 (NaN too)
-    return FloatLanes(R::select(R::compare<_CMP_LE_OQ>(x.v, R::broadcast(0.f)), R::broadcast(0.f), R::broadcast(1.f)));
+    return FloatLanes(R::select(R::at_most(x.v, R::broadcast(0.f)), R::broadcast(0.f), R::broadcast(1.f)));
   }
 };
 

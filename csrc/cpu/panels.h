@@ -1,19 +1,19 @@
-// The float32 CPU kernels built on the vector registers of float_lanes.h, AVX-512 or AVX2 with FMA
+// The float32 CPU kernels built on the vector registers of float_lanes.h, AVX-512, AVX2 with FMA or NEON
 // (csrc/cpu/recurrence.cpp decides where they run):
 // - panel_product: y = h W^T (+ b) with W in panels of one register's width of output columns (kLanes: 16
-//   with AVX-512, 8 with AVX2), packed once per sequence or read
-//   in place; a CPU analogue of the persistent GPU kernels. Every thread keeps the panels of its own
-//   output columns in its cache across the time steps, and each register tile of rows x panels goes
-//   straight to an epilogue (a cell's gate math) while in L1. Also the weight gradients (panel_matmul_tn)
-//   and products with few output columns (panel_linear).
+//   with AVX-512, 8 with AVX2, 4 with NEON), packed once per sequence or read in place; a CPU analogue of
+//   the persistent GPU kernels. Every thread keeps the panels of its own output columns in its cache
+//   across the time steps, and each register tile of rows x panels goes straight to an epilogue (a cell's
+//   gate math) while in L1. Also the weight gradients (panel_matmul_tn) and products with few output
+//   columns (panel_linear).
 // - dots: one step of up to four sequences (generation), each weight row read once.
 //
-// Assumes: float32; AVX-512F, or AVX2 and FMA, at build time (the build is -march=native by default;
-// elsewhere kPanelGemm is false and the callers use oneDNN/BLAS). Output columns are grouped into blocks
-// of 2, 3 or 4 panels: for the LSTM and GRU a block holds all gates of kLanes hidden units (panel p = gate
-// p), so that one tile carries whole cells; otherwise it holds 4 * kLanes consecutive columns (2 * kLanes
-// where N <= 2 * kLanes). Packed columns
-// beyond N are zero; in place, loads past N are masked. Nothing past N is stored.
+// Assumes: float32; AVX-512F, AVX2 and FMA, or 64-bit ARM at build time (the build is -march=native by
+// default; elsewhere kPanelGemm is false and the callers use oneDNN/BLAS). Output columns are grouped into
+// blocks of 2, 3 or 4 panels: for the LSTM and GRU a block holds all gates of kLanes hidden units (panel
+// p = gate p), so that one tile carries whole cells; otherwise it holds 4 * kLanes consecutive columns
+// (2 * kLanes where N <= 2 * kLanes). Packed columns beyond N are zero; in place, loads past N are masked.
+// Nothing past N is stored.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -172,7 +172,7 @@ template <int kRows, int kPanels, bool kMasked>
 }
 
 // Rows per tile: enough accumulators to cover the FMA latency (24 at most), within the vector registers
-// less four. AVX-512: 12, 8 and 6 rows of 2, 3 and 4 panels; AVX2: 6, 4 and 3, 12 accumulators, where the
+// less four. AVX-512 and NEON: 12, 8 and 6 rows of 2, 3 and 4 panels; AVX2: 6, 4 and 3, 12 accumulators, where the
 // compiler takes a block's weights as FMA memory operands when registers run short. Measured with AVX2 on
 // one core (Zen 5, 256-bit FMAs), LSTM 32 x 256: 118 GFLOP/s, against 80 for tiles of 2 rows that leave
 // a register for each weight, and 98-102 for 14-15 accumulators.
@@ -329,7 +329,7 @@ void panel_product(const PanelWeight& w, const PanelRows& h, const Epilogue& epi
   });
 #else
   (void)w, (void)h, (void)epilogue;
-  TORCH_CHECK(false, "rnnkernels: the panel kernels need AVX-512 or AVX2 with FMA at build time");
+  TORCH_CHECK(false, "rnnkernels: the panel kernels need AVX-512, AVX2 with FMA or NEON at build time");
 #endif
 }
 
@@ -428,7 +428,7 @@ inline void dots(const float* w, int64_t ldw, int count, const float* v, int64_t
       R::type vk[kVectors];
       for (int r = 0; r < kVectors; ++r) vk[r] = load(v + r * ldv + k);
       for (int q = 0; q < kRowsAtOnce; ++q) {
-        _mm_prefetch(reinterpret_cast<const char*>(rows[q] + k + kAhead), _MM_HINT_T0);
+        __builtin_prefetch(rows[q] + k + kAhead, 0, 3);
         const R::type wk = load(rows[q] + k);
         for (int r = 0; r < kVectors; ++r) acc[q][r] = R::fmadd(wk, vk[r], acc[q][r]);
       }

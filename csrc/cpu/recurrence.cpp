@@ -1,5 +1,5 @@
-// CPU recurrence kernels. float32 on AVX-512 or AVX2 builds: per time step one parallel pass of the panel kernels
-// (panels.h) whose tiles go straight into the gate math (forward) or the gate gradients (backward).
+// CPU recurrence kernels. float32 on AVX-512, AVX2 or 64-bit ARM builds: per time step one parallel pass of the
+// panel kernels (panels.h) whose tiles go straight into the gate math (forward) or the gate gradients (backward).
 // Otherwise per time step one GEMM for the recurrent term, then one fused pass over batch x hidden for
 // every gate and the state update; the backward sweep likewise. Either way the weight gradients are
 // whole-sequence products at the end. Shapes and checks: csrc/recurrence_args.h.
@@ -657,7 +657,7 @@ Tensors3 step_small_batch(const Tensor& x_in, const Tensor& h_in, const std::opt
   return {h_next, c_next, workspace};
 #else
   (void)x_in, (void)h_in, (void)c_in, (void)w_ih_in, (void)w_hh_in, (void)b_ih_in, (void)b_hh_in, (void)keep;
-  TORCH_CHECK(false, "rnnkernels: the small-batch step needs AVX-512 or AVX2 with FMA at build time");
+  TORCH_CHECK(false, "rnnkernels: the small-batch step needs AVX-512, AVX2 with FMA or NEON at build time");
 #endif
 }
 

@@ -22,8 +22,8 @@ Tensors6 backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                       const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
                       bool reverse, const at::Tensor& output, const at::Tensor& workspace);
 
-// float32 units per vector register of the CPU kernels as built: 16 (AVX-512), 8 (AVX2 with FMA), or 1
-// where the build targets neither (csrc/cpu/float_lanes.h).
+// float32 units per vector register of the CPU kernels as built: 16 (AVX-512), 8 (AVX2 with FMA), 4 (NEON),
+// or 1 where the build targets none of them (csrc/cpu/float_lanes.h).
 int64_t cpu_float_lanes();
 
 // One time step with its input projection: the sequence forward at T = 1 behind one operator call, so

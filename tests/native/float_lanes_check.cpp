@@ -1,0 +1,185 @@
+// Checks the vector registers of csrc/cpu/float_lanes.h as built for the target machine, apart from torch:
+// tests/test_portable_build.py builds it for 64-bit ARM and runs it under qemu, so the NEON instructions
+// themselves (not SIMDe's x86 definitions of them) meet the rules cell_math.h relies on. Prints what
+// failed and exits 1, or prints the count of checks and exits 0.
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "../../csrc/cpu/float_lanes.h"
+
+#if !defined(RNNKERNELS_FLOAT_LANES)
+#error "this build has no vector lanes: nothing to check"
+#endif
+
+namespace {
+
+using rnnkernels::FloatLanes;
+using L = rnnkernels::Lanes<float>;
+constexpr int64_t kWidth = L::width;
+
+int64_t checks = 0;
+int64_t failures = 0;
+
+void expect(bool ok, const char* what, double x, double got, double want) {
+  ++checks;
+  if (!ok && ++failures <= 20) std::printf("FAILED %s at x=%.9g: got %.9g, want %.9g\n", what, x, got, want);
+}
+
+// f applied to xs, kWidth at a time, the last group through a masked load and store.
+template <typename F>
+std::vector<float> on_lanes(const std::vector<float>& xs, F f) {
+  std::vector<float> out(xs.size());
+  for (size_t i = 0; i < xs.size(); i += kWidth) {
+    const int64_t count = std::min<int64_t>(kWidth, xs.size() - i);
+    L::store(out.data() + i, f(L::load(xs.data() + i, count)), count);
+  }
+  return out;
+}
+
+std::vector<float> special_points() {
+  std::vector<float> xs;
+  for (int i = -100000; i <= 100000; ++i) xs.push_back(i / 1000.f);
+  const float edges[] = {0.f, 1e-30f, -1e-20f, 1e-7f, 0.625f, -0.625f, 0.6249999f, 0.6250001f, 9.f, -9.f, 15.9f,
+                         -15.9f, 43.6f, 87.3f, -87.3f, 88.3f, -88.3f, 88.72f, -88.72f, 89.f, -104.f, 1e4f, -1e4f,
+                         3e38f, -3e38f};
+  for (float e : edges) {
+    xs.push_back(e);
+    xs.push_back(std::nextafter(e, std::numeric_limits<float>::infinity()));
+  }
+  return xs;
+}
+
+// Within 2 ulps of 1 absolutely and 4 relatively, in [-1, 1], and exactly saturated where float rounds.
+void check_sigmoid_and_tanh() {
+  const std::vector<float> xs = special_points();
+  const auto sigmoid = on_lanes(xs, [](FloatLanes x) { return rnnkernels::sigmoid(x); });
+  const auto tanh = on_lanes(xs, [](FloatLanes x) { return rnnkernels::Fn<FloatLanes>::tanh(x); });
+  const double eps = std::ldexp(1.0, -24);
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const double x = xs[i];
+    const double exact[2] = {1.0 / (1.0 + std::exp(-x)), std::tanh(x)};
+    const float got[2] = {sigmoid[i], tanh[i]};
+    const char* names[2] = {"sigmoid", "tanh"};
+    for (int f = 0; f < 2; ++f) {
+      const double err = std::fabs(got[f] - exact[f]);
+      expect(err <= 2 * eps, names[f], x, got[f], exact[f]);
+      if (std::fabs(exact[f]) > 1e-30) expect(err / std::fabs(exact[f]) <= 4 * eps, names[f], x, got[f], exact[f]);
+      expect(got[f] >= -1.f && got[f] <= 1.f, names[f], x, got[f], exact[f]);
+    }
+    if (x > 20) expect(sigmoid[i] == 1.f, "sigmoid saturates", x, sigmoid[i], 1);
+    if (x < -90) expect(sigmoid[i] < 1e-38f, "sigmoid underflows", x, sigmoid[i], 0);
+    if (std::fabs(x) > 10) expect(tanh[i] == std::copysign(1.f, x), "tanh saturates", x, tanh[i], x > 0 ? 1 : -1);
+  }
+}
+
+// What torch does with non-finite values and signed zeros, lane by lane.
+void check_special_values() {
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> xs = {nan, inf, -inf, 0.f, -0.f, -1.f, 2.f, nan, -inf, 1e30f, -1e30f};
+  const auto sigmoid = on_lanes(xs, [](FloatLanes x) { return rnnkernels::sigmoid(x); });
+  const auto tanh = on_lanes(xs, [](FloatLanes x) { return rnnkernels::Fn<FloatLanes>::tanh(x); });
+  const auto relu = on_lanes(xs, [](FloatLanes x) { return rnnkernels::Fn<FloatLanes>::relu(x); });
+  const auto positive = on_lanes(xs, [](FloatLanes x) { return rnnkernels::Fn<FloatLanes>::positive(x); });
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const float x = xs[i];
+    if (std::isnan(x)) {
+      expect(std::isnan(sigmoid[i]), "sigmoid(NaN)", x, sigmoid[i], nan);
+      expect(std::isnan(tanh[i]), "tanh(NaN)", x, tanh[i], nan);
+      expect(std::isnan(relu[i]), "relu(NaN)", x, relu[i], nan);
+      expect(positive[i] == 1.f, "positive(NaN) passes the gradient", x, positive[i], 1);
+      continue;
+    }
+    if (x == inf) expect(sigmoid[i] == 1.f, "sigmoid(inf)", x, sigmoid[i], 1);
+    if (x == -inf) expect(sigmoid[i] >= 0.f && sigmoid[i] < 1e-38f, "sigmoid(-inf)", x, sigmoid[i], 0);
+    if (std::isinf(x)) expect(tanh[i] == std::copysign(1.f, x), "tanh at infinity", x, tanh[i], x > 0 ? 1 : -1);
+    const float want_relu = x > 0 ? x : 0.f;  // +0 for -0 and negatives, as torch.relu
+    expect(relu[i] == want_relu && !std::signbit(relu[i]), "relu", x, relu[i], want_relu);
+    expect(positive[i] == (x > 0 ? 1.f : 0.f), "positive", x, positive[i], x > 0);
+  }
+}
+
+// A row that ends at the edge of an unreadable page: loads and stores of count < width lanes must touch
+// nothing past the row (a read there faults), load zeros into the lanes past count and store nothing there.
+void check_masked_loads_and_stores() {
+  const long page = sysconf(_SC_PAGESIZE);
+  char* base = static_cast<char*>(mmap(nullptr, 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  if (base == MAP_FAILED || mprotect(base + page, page, PROT_NONE) != 0) {
+    std::printf("FAILED mmap/mprotect\n");
+    ++failures;
+    return;
+  }
+  float* edge = reinterpret_cast<float*>(base + page);
+  for (int64_t count = 0; count < kWidth; ++count) {
+    float* row = edge - count;
+    for (int64_t j = 0; j < count; ++j) row[j] = 1.f + j;
+    float lanes[kWidth];
+    L::store(lanes, L::load(row, count), kWidth);
+    for (int64_t j = 0; j < kWidth; ++j)
+      expect(lanes[j] == (j < count ? 1.f + j : 0.f), "masked load", count, lanes[j], j < count ? 1.f + j : 0.f);
+    float* below = edge - kWidth;  // stores of count lanes into a full register's space
+    for (int64_t j = 0; j < kWidth; ++j) below[j] = -1.f;
+    L::store(below, FloatLanes(7.f), count);
+    for (int64_t j = 0; j < kWidth; ++j)
+      expect(below[j] == (j < count ? 7.f : -1.f), "masked store", count, below[j], j < count ? 7.f : -1.f);
+  }
+  munmap(base, 2 * page);
+}
+
+// The cells' forward and backward on lanes against the same formulas in double.
+void check_cells() {
+  std::mt19937 gen(7);
+  std::normal_distribution<float> normal(0.f, 2.f);
+  constexpr int kArgs = 8;
+  for (int trial = 0; trial < 2000; ++trial) {
+    float in[kArgs][kWidth];
+    for (auto& arg : in)
+      for (float& v : arg) v = normal(gen);
+    for (int64_t j = 0; j < kWidth; ++j) {  // activated gates and states where the backward expects them
+      in[4][j] = 1.f / (1.f + std::exp(-in[4][j]));
+      in[5][j] = std::tanh(in[5][j]);
+    }
+    const auto lane = [&](int a) { return L::load(in[a], kWidth); };
+    const rnnkernels::LstmForward<FloatLanes> lstm(lane(0), lane(1), lane(2), lane(3), lane(4));
+    const rnnkernels::LstmBackward<FloatLanes> lstm_grad(lane(0), lane(1), lane(4), lane(4), lane(5), lane(4),
+                                                         lane(2), lane(3));
+    const rnnkernels::GruForward<FloatLanes> gru(lane(0), lane(1), lane(2), lane(3), lane(4));
+    const rnnkernels::GruBackward<FloatLanes> gru_grad(lane(0), lane(4), lane(4), lane(5), lane(1), lane(2));
+    const FloatLanes got[] = {lstm.c, lstm.h, lstm_grad.d_i, lstm_grad.d_f, lstm_grad.d_g, lstm_grad.d_o,
+                              lstm_grad.dc_prev, gru.h, gru.n, gru_grad.d_r, gru_grad.d_z, gru_grad.d_hn};
+    for (int64_t j = 0; j < kWidth; ++j) {
+      const auto d = [&](int a) { return static_cast<double>(in[a][j]); };
+      const rnnkernels::LstmForward<double> lstm64(d(0), d(1), d(2), d(3), d(4));
+      const rnnkernels::LstmBackward<double> lstm_grad64(d(0), d(1), d(4), d(4), d(5), d(4), d(2), d(3));
+      const rnnkernels::GruForward<double> gru64(d(0), d(1), d(2), d(3), d(4));
+      const rnnkernels::GruBackward<double> gru_grad64(d(0), d(4), d(4), d(5), d(1), d(2));
+      const double want[] = {lstm64.c, lstm64.h, lstm_grad64.d_i, lstm_grad64.d_f, lstm_grad64.d_g,
+                             lstm_grad64.d_o, lstm_grad64.dc_prev, gru64.h, gru64.n, gru_grad64.d_r,
+                             gru_grad64.d_z, gru_grad64.d_hn};
+      for (size_t k = 0; k < std::size(want); ++k) {
+        float lanes[kWidth];
+        L::store(lanes, got[k], kWidth);
+        const double err = std::fabs(lanes[j] - want[k]);
+        expect(err <= 1e-5 * (1.0 + std::fabs(want[k])), "cell formula", k, lanes[j], want[k]);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  check_sigmoid_and_tanh();
+  check_special_values();
+  check_masked_loads_and_stores();
+  check_cells();
+  std::printf("float_lanes_check: %lld lanes, %lld checks, %lld failed\n", static_cast<long long>(kWidth),
+              static_cast<long long>(checks), static_cast<long long>(failures));
+  return failures == 0 ? 0 : 1;
+}
