@@ -13,12 +13,17 @@
 # budget (give the second command what the lease has left). Every phase is capped at its own limit and at
 # what is left of the budget, and runs even if an earlier one failed; the benchmark starts no case past its
 # limit and rewrites its JSON after every case, so a phase cut short still returns what it measured.
+# The build phase takes gpu-prebuilt/ (scripts/gpu_prebuild.sh, named in the device call's carry) where it was
+# built from these sources and imports on this machine, and builds from source otherwise. `gpu_check.sh
+# digest` prints the sources' digest that decides it.
 # Out ($OUT, default ./gpu-out): gpu_check.log (every phase's output, in order), bench-bfloat16.json,
 # bench-float32.json, sweep.json; few files, since a device call returns at most 8. It ends with the
 # issues' bars against the benchmark's figures (scripts/bars.py). Commit the JSON under benchmarks/results/
 # and make the README's GPU table from it (python -m rnnkernels.bench --report FILE).
 set -u
 cd "$(dirname "$0")/.."
+sources_digest() { cat setup.py pyproject.toml $(find csrc -type f | sort) | sha256sum | cut -d' ' -f1; }
+[ "${1:-}" = digest ] && { sources_digest; exit 0; }
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
@@ -74,15 +79,29 @@ phase() {  # phase NAME SECONDS COMMAND...: COMMAND under a time limit, its outp
 
 # The extension is rebuilt only when its sources changed since the last build on this machine (the second
 # command of a lease finds the first one's build; the working tree is copied anew, so mtimes say nothing).
-sources_digest() { cat setup.py pyproject.toml $(find csrc -type f | sort) | sha256sum | cut -d' ' -f1; }
+# A prebuilt one is used where its digest matches and it loads with its CUDA kernels; the package itself
+# is then found through PYTHONPATH (set below), not installed.
+cuda_kernels_load() {
+  "$PYTHON" -c "import torch, rnnkernels.ops as o; assert o.LOAD_ERROR is None, o.LOAD_ERROR; \
+assert torch._C._dispatch_has_kernel_for_dispatch_key('rnnkernels::lstm_forward', 'CUDA'), 'no CUDA kernels'"
+}
 build() {
-  local stamp=build/gpu_check.sources
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$(sources_digest)" ] && "$PYTHON" -c "import rnnkernels._C"; then
-    echo "up to date: $(cat "$stamp")"
+  local stamp=build/gpu_check.sources digest
+  digest=$(sources_digest)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ] && cuda_kernels_load; then
+    echo "up to date: $digest"
     return 0
   fi
+  if [ -f gpu-prebuilt/sources ] && [ "$(cat gpu-prebuilt/sources)" = "$digest" ]; then
+    cp gpu-prebuilt/_C.*.so rnnkernels/ && cuda_kernels_load && mkdir -p build && echo "$digest" >"$stamp" && {
+      echo "prebuilt: $(ls gpu-prebuilt/*.so), $(cat gpu-prebuilt/built-with)"
+      return 0
+    }
+    echo "prebuilt: did not load here; building from source"
+    rm -f rnnkernels/_C.*.so
+  fi
   TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 "$PYTHON" -m pip install --no-build-isolation --no-deps -e . || return 1
-  mkdir -p build && sources_digest >"$stamp"
+  mkdir -p build && echo "$digest" >"$stamp"
 }
 
 # pytest on the GPU: four workers share it where pytest-xdist is installed (small tests are latency-bound);
@@ -101,8 +120,8 @@ bench() {  # bench DTYPE LIMIT [OPTION...]: the benchmark, starting no case with
   "$PYTHON" -m rnnkernels.bench --device cuda --dtypes "$dtype" --repeats 5 --warmup 1 --min-sample-ms 5 \
     --time-limit $((limit > 40 ? limit - 40 : 0)) --json "$OUT/bench-$dtype.json" "$@"
 }
-export -f sources_digest build pytest_gpu bench
-export OUT PYTHON
+export -f sources_digest cuda_kernels_load build pytest_gpu bench
+export OUT PYTHON PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 : >"$LOG"
 nvidia-smi >>"$LOG" 2>&1
@@ -118,7 +137,7 @@ backends.unsupported('triton', torch.device('cuda'), torch.float32) or 'availabl
 sanitize=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --error-exitcode 1 --print-limit 20)
 # The CUDA backend's GPU tests (and the modules' and the benchmark suite's); Triton's in the second group.
 phase tests_cuda 120 pytest_gpu tests -m cuda --ignore tests/test_triton.py
-phase bench_bfloat16 180 bench bfloat16 "$(limit_for 180)"
+phase bench_bfloat16 220 bench bfloat16 "$(limit_for 220)"
 phase sanitize_memcheck 100 "${sanitize[@]}" --tool memcheck "$PYTHON" scripts/sanitize_case.py
 phase bench_float32 120 bench float32 "$(limit_for 120)" --word-lm
 # Not the slow tests there: they compile every kernel variant for sm_90 with ptxas, which the GPU does anyway.
