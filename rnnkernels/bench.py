@@ -104,13 +104,15 @@ class _OutputOnly(nn.Module):
         return self.module(x)[0]
 
 
-def graphed_train_step_fn(candidate: Candidate, x: torch.Tensor, projection: torch.Tensor):
-    """The training step with the module's forward and backward captured in CUDA graphs by
+def graphed_forward(candidate: Candidate, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The module's training forward and its backward captured in CUDA graphs by
     torch.cuda.make_graphed_callables, the same way for every candidate: what remains is device time."""
     candidate.module.train()
     with candidate.context():
-        graphed = torch.cuda.make_graphed_callables(_OutputOnly(candidate.module), (x,))
+        return torch.cuda.make_graphed_callables(_OutputOnly(candidate.module), (x,))
 
+
+def graphed_train_step_fn(candidate: Candidate, graphed, x: torch.Tensor, projection: torch.Tensor):
     def train_step():
         candidate.module.zero_grad(set_to_none=True)
         x.grad = None
@@ -141,13 +143,18 @@ def results_for_check(module: nn.Module, x: torch.Tensor, projection: torch.Tens
         output, state = run_sequence(module, x, generate)
     results = {"output": output, **{f"state[{i}]": s for i, s in enumerate(state)}}
     module.train()
-    x = x.detach().requires_grad_()
-    train_output, _ = run_sequence(module, x, generate)
-    names, params = zip(*module.named_parameters())
-    grads = torch.autograd.grad((train_output * projection).sum(), (x, *params))
-    results["train output"] = train_output.detach()
-    results.update({f"grad {name}": grad for name, grad in zip(("input", *names), grads)})
+    results.update(training_results(lambda inputs: run_sequence(module, inputs, generate)[0], module, x, projection))
     return results
+
+
+def training_results(forward: Callable, module: nn.Module, x: torch.Tensor, projection: torch.Tensor) -> dict:
+    """The training output of forward(x) (the module's own, or its graphed twin) and the gradients of the
+    loss with respect to the input and every parameter."""
+    x = x.detach().requires_grad_()
+    output = forward(x)
+    names, params = zip(*module.named_parameters())
+    grads = torch.autograd.grad((output * projection).sum(), (x, *params))
+    return {"train output": output.detach(), **{f"grad {name}": grad for name, grad in zip(("input", *names), grads)}}
 
 
 def relative_error(value: torch.Tensor, exact: torch.Tensor) -> float:
@@ -156,16 +163,19 @@ def relative_error(value: torch.Tensor, exact: torch.Tensor) -> float:
     return deviation / max(exact.abs().max().item(), 1e-30)
 
 
-def check(candidates: list[Candidate], module: nn.Module, x, projection, generate: bool) -> dict[str, dict]:
-    """check_against float64 torch.nn, on the figures of results_for_check."""
-    exact = results_for_check(copy.deepcopy(module).double(), x.double(), projection.double(), generate)
+def exact_results(module: nn.Module, x, projection, generate: bool) -> dict:
+    """The figures of results_for_check in float64: what every candidate's are measured against."""
+    return results_for_check(copy.deepcopy(module).double(), x.double(), projection.double(), generate)
+
+
+def check(candidates: list[Candidate], exact: dict, x, projection, generate: bool) -> dict[str, dict]:
+    """check_against the float64 figures, on those of results_for_check."""
     return check_against(exact, candidates, lambda m: results_for_check(m, x, projection, generate), x.dtype)
 
 
 def check_against(exact: dict, candidates: list[Candidate], results_of: Callable, dtype) -> dict[str, dict]:
-    """Per candidate: the errors of results_of(its module) against `exact` (the float64 figures) and whether
-    each is within 2x torch.nn's own error in this dtype plus a floor of a few units of roundoff."""
-    floor = 4 * torch.finfo(dtype).eps
+    """Per candidate: the verdict on the errors of results_of(its module) against `exact`, with torch.nn's
+    own errors in this dtype as the reference."""
     verdicts, errors = {}, {}
     for candidate in candidates:
         try:
@@ -175,10 +185,26 @@ def check_against(exact: dict, candidates: list[Candidate], results_of: Callable
         except RuntimeError as error:
             verdicts[candidate.name] = {"correct": False, "error": str(error)}
     for name, own in errors.items():
-        bounds = {key: 2 * errors[TORCH][key] + floor for key in own}
-        failing = [key for key in own if not own[key] <= bounds[key]]  # NaN fails too
-        verdicts[name] = {"correct": not failing, "failing": failing, "errors": own, "bounds": bounds}
+        verdicts[name] = verdict(own, errors[TORCH], dtype)
     return verdicts
+
+
+def verdict(errors: dict, torch_errors: dict, dtype) -> dict:
+    """Whether each error is within 2x torch.nn's own error in this dtype plus a floor of a few units of
+    roundoff."""
+    floor = 4 * torch.finfo(dtype).eps
+    bounds = {key: 2 * torch_errors[key] + floor for key in errors}
+    failing = [key for key in errors if not errors[key] <= bounds[key]]  # NaN fails too
+    return {"correct": not failing, "failing": failing, "errors": errors, "bounds": bounds}
+
+
+def check_graphed(graphed, candidate: Candidate, exact: dict, torch_errors: dict, x, projection) -> dict:
+    """The verdict on a graphed training step's output and gradients, by the rule of check_against: a
+    replay must be as right as the eager call, or its timing is not reported."""
+    with candidate.context():
+        results = training_results(graphed, candidate.module, x, projection)
+    errors = {key: relative_error(value, exact[key]) for key, value in results.items()}
+    return verdict(errors, {key: torch_errors[key] for key in errors}, x.dtype)
 
 
 # --- timing --------------------------------------------------------------------------------------
@@ -300,7 +326,8 @@ def run_case(workload: Workload, cell: str, dtype: torch.dtype, device: torch.de
     candidates = make_candidates(module, workload, cell, device, names)
 
     first_calls = {c.name: first_call_ms(c, x, workload.generate, device) for c in candidates}
-    verdicts = check(candidates, module, x, projection, workload.generate)
+    exact = exact_results(module, x, projection, workload.generate)
+    verdicts = check(candidates, exact, x, projection, workload.generate)
     correct = [c for c in candidates if verdicts[c.name]["correct"]]
     tasks = {(c.name, "fwd"): forward_fn(c, x, workload.generate) for c in correct}
     if not workload.generate:
@@ -311,9 +338,15 @@ def run_case(workload: Workload, cell: str, dtype: torch.dtype, device: torch.de
             if c.name == TORCH_NO_CUDNN:  # the graphed comparison is against cuDNN
                 continue
             try:
-                tasks[c.name, "train_graphed"] = graphed_train_step_fn(c, x, projection)
+                graphed = graphed_forward(c, x)
+                replayed = check_graphed(graphed, c, exact, verdicts[TORCH]["errors"], x, projection)
             except (RuntimeError, TypeError) as error:  # reported, not fatal: the plain figures stand
-                graph_errors[c.name] = f"{type(error).__name__}: {error}"
+                graph_errors[c.name] = f"graph capture failed: {type(error).__name__}: {error}"
+                continue
+            if replayed["correct"]:
+                tasks[c.name, "train_graphed"] = graphed_train_step_fn(c, graphed, x, projection)
+            else:
+                graph_errors[c.name] = f"wrong under graph replay: {', '.join(replayed['failing'])}"
     timings = time_tasks(tasks, settings, device, per_call=workload.seq if workload.generate else 1)
     peaks = {c.name: train_peak_bytes(tasks[c.name, "train"], device) for c in correct if not workload.generate}
 
@@ -465,8 +498,8 @@ def table(cases: list[dict], device: torch.device) -> str:
              "as % of the median. x: torch.nn time / this time."
              + (" graphed: the training step captured in CUDA graphs (make_graphed_callables), against "
                 "torch.nn's captured the same way." if cuda else ""))
-    graph_errors = [f"{case['workload']} {case['cell']} {case['dtype']} {r['candidate']}: graph capture failed: "
-                    f"{r['graph_error']}" for case in cases for r in case["results"] if r.get("graph_error")]
+    graph_errors = [f"{case['workload']} {case['cell']} {case['dtype']} {r['candidate']}, graphed: {r['graph_error']}"
+                    for case in cases for r in case["results"] if r.get("graph_error")]
     word_lm_lines = [word_lm_line(case) for case in cases if "word_lm" in case]
     return "\n".join(lines + ["", notes, *graph_errors, *word_lm_lines])
 

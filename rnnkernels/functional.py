@@ -88,6 +88,11 @@ def rnn(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """x (T, B, input), h0 (layers*dirs, B, P), c0 (layers*dirs, B, H) for LSTM; lengths (B) int64 on the
     CPU or None. Returns (output (T, B, dirs*P), h_n, c_n); c_n is None but for LSTM."""
+    packed_on_gpu = lengths is not None and x.is_cuda and not torch.compiler.is_compiling()
+    if packed_on_gpu and torch.cuda.is_current_stream_capturing():
+        # Every call copies the lengths from the CPU: a graph would replay the copy of a freed host buffer.
+        raise RuntimeError("rnnkernels: PackedSequence input cannot be captured in a CUDA graph (its lengths are "
+                           "copied from the CPU on every call); capture padded input, or run this call eagerly")
     directions = 2 if bidirectional else 1
     h_n, c_n = [], []
     for layer in range(num_layers):

@@ -268,3 +268,79 @@ def check_twin(torch_mod: nn.Module, twin_mod: nn.Module, x, hx=None, *, seed: i
     assert_results(ours, baseline, reference, dtype)
     assert_meta_equal(ours_meta, reference_meta)
     return ours
+
+
+# ---------------------------------------------------------------------------------------- CUDA graphs
+class OutputsAndStates(nn.Module):
+    """A sequence module's output and final states as plain tensors, as make_graphed_callables wants them."""
+
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x):
+        output, state = self.rnn(x)
+        return (output, *state) if isinstance(state, tuple) else (output, state)
+
+
+def assert_graph_replays_match_eager(kind: str, backend: str, steps: int) -> None:
+    """A 2-layer bidirectional module of `kind` on `backend`, captured for training and for inference."""
+    m = torch_module(kind, dtype=torch.float32, device="cuda", input_size=8, hidden_size=32, num_layers=2,
+                     bidirectional=True)
+    assert_training_replays_match_eager(m, backend, (steps, 4, 8))
+    assert_inference_replays_match_eager(m, backend, (steps, 4, 8))
+
+
+def assert_training_replays_match_eager(m: nn.Module, backend: str, shape: tuple[int, int, int]) -> None:
+    """A twin's forward and backward captured by make_graphed_callables, replayed on new inputs: outputs,
+    final states and every gradient as an eager twin's. shape: (T, B, input)."""
+    eager, graphed = OutputsAndStates(twin(m, backend)), OutputsAndStates(twin(m, backend))
+    graphed = torch.cuda.make_graphed_callables(graphed, (torch.randn(shape, device="cuda", requires_grad=True),))
+    for seed in (0, 1):  # a replay with new values, not only the captured ones
+        torch.manual_seed(seed)
+        x_new = torch.randn(shape, device="cuda")
+        results = []
+        for layer in (eager, graphed):
+            xi = leaf(x_new)
+            layer.zero_grad(set_to_none=True)
+            outs = layer(xi)
+            sum((o * (i + 1)).sum() for i, o in enumerate(outs)).backward()
+            results.append([o.detach().clone() for o in outs] + [xi.grad.clone()] +
+                           [p.grad.clone() for p in layer.parameters()])
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def assert_inference_replays_match_eager(m: nn.Module, backend: str, shape: tuple[int, int, int]) -> None:
+    """A twin's inference forward captured by torch.cuda.graph after a warm-up on a side stream (where
+    first calls compile and load kernels), replayed on new values of its static input, as an eager twin's."""
+    eager, captured = OutputsAndStates(twin(m, backend).eval()), OutputsAndStates(twin(m, backend).eval())
+    static_x = torch.randn(shape, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                captured(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            static_outs = captured(static_x)
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            static_x.copy_(torch.randn(shape, device="cuda"))
+            graph.replay()
+            for a, b in zip(static_outs, eager(static_x), strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def assert_packed_input_refuses_capture(backend: str) -> None:
+    """PackedSequence input under capture raises rnnkernels' error, not a CUDA one or a stale replay."""
+    layer = twin(torch_module("LSTM", device="cuda", input_size=8, hidden_size=32), backend)
+    x = torch.randn(5, 4, 8, device="cuda")
+    packed = pack_padded_sequence(x, torch.tensor([5, 3, 2, 1]))
+    layer(packed)  # eager first: kernels loaded and compiled outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.no_grad(), torch.cuda.graph(graph):
+            layer(packed)

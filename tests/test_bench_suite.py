@@ -47,9 +47,26 @@ def test_wrong_candidate_is_flagged_and_not_timed():
     wrong = rnnkernels.GRU.from_torch(module, backend="cpu")
     wrong.weight_hh_l0 = torch.nn.Parameter(module.weight_hh_l0.detach() * 1.001)
     candidates = [bench.Candidate(bench.TORCH, module), bench.Candidate("cpu", wrong)]
-    verdicts = bench.check(candidates, module, x, projection, generate=False)
+    verdicts = bench.check(candidates, bench.exact_results(module, x, projection, False), x, projection, False)
     assert verdicts[bench.TORCH]["correct"]
     assert not verdicts["cpu"]["correct"] and "output" in verdicts["cpu"]["failing"]
+
+
+def test_graphed_step_is_checked_before_it_is_timed():
+    """A replayed training step is judged by the eager rule (CUDA graphs need a GPU: here eager stand-ins
+    for the graphed forward, one right, one off by a constant as a stale buffer would be, one NaN)."""
+    module, x, projection = bench.build(TINY, "lstm", torch.float32, torch.device("cpu"))
+    exact = bench.exact_results(module, x, projection, False)
+    eager = bench.check([bench.Candidate(bench.TORCH, module)], exact, x, projection, False)
+    torch_errors = eager[bench.TORCH]["errors"]
+    candidate = bench.Candidate("cpu", rnnkernels.LSTM.from_torch(module, backend="cpu"))
+    forward = bench._OutputOnly(candidate.module)
+    assert bench.check_graphed(forward, candidate, exact, torch_errors, x, projection)["correct"]
+    stale = bench.check_graphed(lambda inputs: forward(inputs) + 1e-3, candidate, exact, torch_errors, x, projection)
+    assert not stale["correct"] and stale["failing"] == ["train output"]
+    nan = bench.check_graphed(lambda inputs: forward(inputs) * float("nan"), candidate, exact, torch_errors, x,
+                              projection)
+    assert not nan["correct"] and set(nan["failing"]) == set(nan["errors"])
 
 
 def test_report_round_trip(tmp_path, capsys, monkeypatch):

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 from torch.utils import cpp_extension
 
-from helpers import (CELL_KINDS, RNN_KINDS, assert_rule, cell_inputs, check_twin, leaf, operator_results, rnn_inputs,
-                     torch_module, twin)
+from helpers import (CELL_KINDS, RNN_KINDS, assert_graph_replays_match_eager, assert_packed_input_refuses_capture,
+                     assert_rule, cell_inputs, check_twin, operator_results, rnn_inputs, torch_module, twin)
 from rnnkernels import functional, ops, reference
 from test_modules import ALL_CASES, BF16_CASES, RNN_CASES, LSTM_CASES, build_case
 from test_ops import OP_CELLS, OP_IDS, op_args
@@ -491,38 +491,15 @@ def test_zero_hidden_size_matches_cpu(cell, projected, path, monkeypatch, target
 
 
 # ---------------------------------------------------------------------------------------- CUDA graphs
-class Layer(nn.Module):
-    """Returns plain tensors, as make_graphed_callables wants them."""
-
-    def __init__(self, rnn):
-        super().__init__()
-        self.rnn = rnn
-
-    def forward(self, x):
-        output, state = self.rnn(x)
-        return (output, *state) if isinstance(state, tuple) else (output, state)
+@CUDA
+@pytest.mark.parametrize(("path", "steps"), [("persistent", 10), ("stepwise", 10), ("persistent", 1)],
+                         ids=["persistent", "stepwise", "one-step"])  # one step: the fused step kernels
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_tanh"])
+def test_cuda_graph_capture_matches_eager(kind, path, steps, monkeypatch):
+    use_path(monkeypatch, path)
+    assert_graph_replays_match_eager(kind, "cuda", steps)
 
 
 @CUDA
-@pytest.mark.parametrize("path", ["persistent", "stepwise"])
-@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_tanh"])
-def test_cuda_graph_capture_matches_eager(kind, path, monkeypatch):
-    use_path(monkeypatch, path)
-    m = torch_module(kind, dtype=torch.float32, device="cuda", input_size=8, hidden_size=32, num_layers=2,
-                     bidirectional=True)
-    eager, graphed = Layer(twin(m, "cuda")), Layer(twin(m, "cuda"))
-    x = torch.randn(10, 4, 8, device="cuda", requires_grad=True)
-    graphed = torch.cuda.make_graphed_callables(graphed, (x,))
-    for seed in (0, 1):  # a replay with new values, not only the captured ones
-        torch.manual_seed(seed)
-        x_new = torch.randn(10, 4, 8, device="cuda")
-        results = []
-        for layer in (eager, graphed):
-            xi = leaf(x_new)
-            layer.zero_grad(set_to_none=True)
-            outs = layer(xi)
-            sum((o * (i + 1)).sum() for i, o in enumerate(outs)).backward()
-            results.append([o.detach().clone() for o in outs] + [xi.grad.clone()] +
-                           [p.grad.clone() for p in layer.parameters()])
-        for a, b in zip(*results):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+def test_packed_input_refuses_cuda_graph_capture():
+    assert_packed_input_refuses_capture("cuda")

@@ -20,8 +20,8 @@ import torch
 
 import rnnkernels
 import triton_threads
-from helpers import (CELL_KINDS, RNN_KINDS, assert_rule, cell_inputs, check_twin, operator_results, rnn_inputs,
-                     torch_module, twin)
+from helpers import (CELL_KINDS, RNN_KINDS, assert_graph_replays_match_eager, assert_packed_input_refuses_capture,
+                     assert_rule, cell_inputs, check_twin, operator_results, rnn_inputs, torch_module, twin)
 from rnnkernels import backends, ops, reference
 from test_modules import BF16_CASES, LSTM_CASES, RNN_CASES
 
@@ -448,3 +448,19 @@ def test_kernels_compile_for_the_gpu():
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_compile.py")
     result = subprocess.run([sys.executable, script, "90"], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+GPU_ONLY = pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+
+
+@GPU_ONLY
+@pytest.mark.parametrize("steps", [10, 1], ids=["sequence", "one-step"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_tanh"])
+def test_cuda_graph_capture_matches_eager(kind, steps, path):
+    """Both paths captured: the persistent one's barrier counters are zeroed inside the graph on replay."""
+    assert_graph_replays_match_eager(kind, "triton", steps)
+
+
+@GPU_ONLY
+def test_packed_input_refuses_cuda_graph_capture():
+    assert_packed_input_refuses_capture("triton")
