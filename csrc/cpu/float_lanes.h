@@ -62,6 +62,7 @@ struct FloatRegister {
   static constexpr int64_t width = 4;
   static constexpr int registers = 32;
   static constexpr bool free_masks = false;  // no masked loads: lane by lane
+  static constexpr bool memory_operands = false;  // arithmetic on registers only
   static type broadcast(float x) { return vdupq_n_f32(x); }
   static type add(type a, type b) { return vaddq_f32(a, b); }
   static type subtract(type a, type b) { return vsubq_f32(a, b); }
@@ -120,6 +121,7 @@ struct FloatRegister {
   static constexpr int64_t width = 16;
   static constexpr int registers = 32;
   static constexpr bool free_masks = true;  // a masked load costs what a plain one does
+  static constexpr bool memory_operands = true;  // an FMA can take an operand, or a broadcast, from memory
   static type broadcast(float x) { return _mm512_set1_ps(x); }
   static type add(type a, type b) { return _mm512_add_ps(a, b); }
   static type subtract(type a, type b) { return _mm512_sub_ps(a, b); }
@@ -165,6 +167,7 @@ struct FloatRegister {
   static constexpr int64_t width = 8;
   static constexpr int registers = 16;
   static constexpr bool free_masks = false;  // vmaskmovps: extra instructions
+  static constexpr bool memory_operands = true;  // an FMA can take an operand from memory
   static type broadcast(float x) { return _mm256_set1_ps(x); }
   static type add(type a, type b) { return _mm256_add_ps(a, b); }
   static type subtract(type a, type b) { return _mm256_sub_ps(a, b); }

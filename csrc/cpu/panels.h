@@ -172,12 +172,17 @@ template <int kRows, int kPanels, bool kMasked>
 }
 
 // Rows per tile: enough accumulators to cover the FMA latency (24 at most), within the vector registers
-// less four. AVX-512 and NEON: 12, 8 and 6 rows of 2, 3 and 4 panels; AVX2: 6, 4 and 3, 12 accumulators, where the
+// less four. AVX-512: 12, 8 and 6 rows of 2, 3 and 4 panels; AVX2: 6, 4 and 3, 12 accumulators, where the
 // compiler takes a block's weights as FMA memory operands when registers run short. Measured with AVX2 on
 // one core (Zen 5, 256-bit FMAs), LSTM 32 x 256: 118 GFLOP/s, against 80 for tiles of 2 rows that leave
-// a register for each weight, and 98-102 for 14-15 accumulators.
+// a register for each weight, and 98-102 for 14-15 accumulators. NEON's FMAs take no operand from memory,
+// and GCC loads every row's input of a step before its FMAs, so a row costs panels + 1 registers and the
+// weights one a panel: 10, 7 and 5 rows (20-21 accumulators; 12 rows of 2 panels spilled accumulators to
+// the stack in the inner loop).
 template <int kPanels>
-constexpr int kTileRows = std::min(24 / kPanels, (FloatRegister::registers - 4) / kPanels);
+constexpr int kTileRows = FloatRegister::memory_operands
+                              ? std::min(24 / kPanels, (FloatRegister::registers - 4) / kPanels)
+                              : (FloatRegister::registers - kPanels) / (kPanels + 1);
 
 template <int kPanels, bool kMasked, int kRows = kTileRows<kPanels>>
 [[gnu::always_inline]] inline void panel_tile_rows(int rows, const float* h, int64_t row_stride, int64_t k_stride,
