@@ -200,9 +200,12 @@ def verdict(errors: dict, torch_errors: dict, dtype) -> dict:
 
 def check_graphed(graphed, candidate: Candidate, exact: dict, torch_errors: dict, x, projection) -> dict:
     """The verdict on a graphed training step's output and gradients, by the rule of check_against: a
-    replay must be as right as the eager call, or its timing is not reported."""
+    replay must be as right as the eager call, or its timing is not reported. It is judged on its second
+    replay, the first on other values, so that a graph that kept values of the capture or of an earlier
+    replay fails."""
     with candidate.context():
-        results = training_results(graphed, candidate.module, x, projection)
+        training_results(graphed, candidate.module, torch.randn_like(x), projection)
+        results = training_results(graphed, candidate.module, x.clone(), projection)
     errors = {key: relative_error(value, exact[key]) for key, value in results.items()}
     return verdict(errors, {key: torch_errors[key] for key in errors}, x.dtype)
 
@@ -337,11 +340,13 @@ def run_case(workload: Workload, cell: str, dtype: torch.dtype, device: torch.de
         for c in correct:
             if c.name == TORCH_NO_CUDNN:  # the graphed comparison is against cuDNN
                 continue
-            try:
+            stage = "capture"
+            try:  # failures are reported, not fatal: the plain figures stand
                 graphed = graphed_forward(c, x)
+                stage = "replay"
                 replayed = check_graphed(graphed, c, exact, verdicts[TORCH]["errors"], x, projection)
-            except (RuntimeError, TypeError) as error:  # reported, not fatal: the plain figures stand
-                graph_errors[c.name] = f"graph capture failed: {type(error).__name__}: {error}"
+            except (RuntimeError, TypeError) as error:
+                graph_errors[c.name] = f"{stage} failed: {type(error).__name__}: {error}"
                 continue
             if replayed["correct"]:
                 tasks[c.name, "train_graphed"] = graphed_train_step_fn(c, graphed, x, projection)

@@ -22,7 +22,7 @@
 # and make the README's GPU table from it (python -m rnnkernels.bench --report FILE).
 set -u
 cd "$(dirname "$0")/.."
-sources_digest() { cat setup.py pyproject.toml $(find csrc -type f | sort) | sha256sum | cut -d' ' -f1; }
+sources_digest() { cat setup.py pyproject.toml $(find csrc -type f | LC_ALL=C sort) | sha256sum | cut -d' ' -f1; }
 [ "${1:-}" = digest ] && { sources_digest; exit 0; }
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
@@ -81,9 +81,11 @@ phase() {  # phase NAME SECONDS COMMAND...: COMMAND under a time limit, its outp
 # command of a lease finds the first one's build; the working tree is copied anew, so mtimes say nothing).
 # A prebuilt one is used where its digest matches and it loads with its CUDA kernels; the package itself
 # is then found through PYTHONPATH (set below), not installed.
-cuda_kernels_load() {
-  "$PYTHON" -c "import torch, rnnkernels.ops as o; assert o.LOAD_ERROR is None, o.LOAD_ERROR; \
-assert torch._C._dispatch_has_kernel_for_dispatch_key('rnnkernels::lstm_forward', 'CUDA'), 'no CUDA kernels'"
+cuda_kernels_load() {  # and one CPU forward runs: a module built for another CPU may not
+  "$PYTHON" -c "import torch, rnnkernels, rnnkernels.ops as o; assert o.LOAD_ERROR is None, o.LOAD_ERROR; \
+assert torch._C._dispatch_has_kernel_for_dispatch_key('rnnkernels::lstm_forward', 'CUDA'), 'no CUDA kernels'; \
+m = torch.nn.LSTM(8, 40); x = torch.randn(5, 3, 8); \
+torch.testing.assert_close(rnnkernels.LSTM.from_torch(m, backend='cpu')(x)[0], m(x)[0], atol=1e-5, rtol=1e-5)"
 }
 build() {
   local stamp=build/gpu_check.sources digest

@@ -54,7 +54,8 @@ def test_wrong_candidate_is_flagged_and_not_timed():
 
 def test_graphed_step_is_checked_before_it_is_timed():
     """A replayed training step is judged by the eager rule (CUDA graphs need a GPU: here eager stand-ins
-    for the graphed forward, one right, one off by a constant as a stale buffer would be, one NaN)."""
+    for the graphed forward: one right, one off by a constant, one NaN, one that keeps its first input as
+    a graph that baked in a host value would)."""
     module, x, projection = bench.build(TINY, "lstm", torch.float32, torch.device("cpu"))
     exact = bench.exact_results(module, x, projection, False)
     eager = bench.check([bench.Candidate(bench.TORCH, module)], exact, x, projection, False)
@@ -67,6 +68,14 @@ def test_graphed_step_is_checked_before_it_is_timed():
     nan = bench.check_graphed(lambda inputs: forward(inputs) * float("nan"), candidate, exact, torch_errors, x,
                               projection)
     assert not nan["correct"] and set(nan["failing"]) == set(nan["errors"])
+    seen = []
+
+    def first_input_kept(inputs):
+        seen.append(inputs.detach())
+        return forward(inputs * 0 + seen[0])
+
+    kept = bench.check_graphed(first_input_kept, candidate, exact, torch_errors, x, projection)
+    assert not kept["correct"] and {"train output", "grad input"} <= set(kept["failing"])
 
 
 def test_report_round_trip(tmp_path, capsys, monkeypatch):

@@ -105,11 +105,17 @@ def test_x86_registers(tmp_path, arch, lanes):
 @needs_arm_compiler
 def test_cpu_sources_compile_for_arm():
     """Every C++ source of the CPU build (setup.py's: csrc/*.cpp and csrc/cpu/*.cpp), NEON paths included,
-    compiles for aarch64, against this torch's headers: the syntax and types are checked, nothing is linked."""
+    compiles for aarch64 against this torch's headers, nothing linked: the kernels of csrc/cpu to machine
+    code at -O3 as setup.py builds them (always_inline failures and compiler crashes show only there), the
+    operator registration to its syntax and types (it includes Python.h, whose Debian build dispatches
+    pyconfig.h by architecture: that source skips where only the host's exists)."""
     python_include = sysconfig.get_paths()["include"]
-    for source in sorted((ROOT / "csrc").glob("*.cpp")) + sorted((ROOT / "csrc" / "cpu").glob("*.cpp")):
-        build = subprocess.run([ARM_CXX, "-std=c++20", "-O2", "-fopenmp", "-fsyntax-only",
-                                f"-I{TORCH_INCLUDE}", f"-I{TORCH_INCLUDE / 'torch' / 'csrc' / 'api' / 'include'}",
-                                f"-I{python_include}", "-DTORCH_EXTENSION_NAME=_C", str(source)],
-                               capture_output=True, text=True)
+    kernels = sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))
+    for source in kernels + sorted((ROOT / "csrc").glob("*.cpp")):
+        output = ["-O3", "-c", "-o", os.devnull] if source in kernels else ["-fsyntax-only"]
+        build = subprocess.run([ARM_CXX, "-std=c++20", "-fopenmp", *output, f"-I{TORCH_INCLUDE}",
+                                f"-I{TORCH_INCLUDE / 'torch' / 'csrc' / 'api' / 'include'}", f"-I{python_include}",
+                                "-DTORCH_EXTENSION_NAME=_C", str(source)], capture_output=True, text=True)
+        if build.returncode != 0 and source not in kernels and "pyconfig.h" in build.stderr:
+            continue
         assert build.returncode == 0, f"{source.name}: {build.stderr[-3000:]}"

@@ -172,6 +172,25 @@ void check_cells() {
   }
 }
 
+// Dot products as the panel and step kernels form them: fmadd over whole registers and a masked tail, then
+// sum across the lanes; against float64 within float's rounding of the absolute sum.
+void check_dot_products() {
+  using R = rnnkernels::FloatRegister;
+  std::mt19937 gen(11);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  for (int64_t K = 1; K <= 9 * kWidth + 3; ++K) {
+    std::vector<float> a(K), b(K);
+    for (int64_t k = 0; k < K; ++k) a[k] = normal(gen), b[k] = normal(gen);
+    R::type acc = R::broadcast(0.f);
+    for (int64_t k = 0; k < K; k += kWidth)
+      acc = R::fmadd(L::load(a.data() + k, K - k).v, L::load(b.data() + k, K - k).v, acc);
+    double want = 0, scale = 0;
+    for (int64_t k = 0; k < K; ++k) want += double(a[k]) * b[k], scale += std::fabs(double(a[k]) * b[k]);
+    const float got = R::sum(acc);
+    expect(std::fabs(got - want) <= 1e-6 * (K + 4) * scale, "dot product", K, got, want);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -179,6 +198,7 @@ int main() {
   check_special_values();
   check_masked_loads_and_stores();
   check_cells();
+  check_dot_products();
   std::printf("float_lanes_check: %lld lanes, %lld checks, %lld failed\n", static_cast<long long>(kWidth),
               static_cast<long long>(checks), static_cast<long long>(failures));
   return failures == 0 ? 0 : 1;
