@@ -207,7 +207,7 @@ def check_graphed(graphed, candidate: Candidate, exact: dict, torch_errors: dict
         training_results(graphed, candidate.module, torch.randn_like(x), projection)
         results = training_results(graphed, candidate.module, x.clone(), projection)
     errors = {key: relative_error(value, exact[key]) for key, value in results.items()}
-    return verdict(errors, {key: torch_errors[key] for key in errors}, x.dtype)
+    return verdict(errors, torch_errors, x.dtype)
 
 
 # --- timing --------------------------------------------------------------------------------------

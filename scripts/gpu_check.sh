@@ -94,15 +94,14 @@ build() {
     echo "up to date: $digest"
     return 0
   fi
-  if [ -f gpu-prebuilt/sources ] && [ "$(cat gpu-prebuilt/sources)" = "$digest" ]; then
-    cp gpu-prebuilt/_C.*.so rnnkernels/ && cuda_kernels_load && mkdir -p build && echo "$digest" >"$stamp" && {
-      echo "prebuilt: $(ls gpu-prebuilt/*.so), $(cat gpu-prebuilt/built-with)"
-      return 0
-    }
-    echo "prebuilt: did not load here; building from source"
-    rm -f rnnkernels/_C.*.so
+  local prebuilt=no
+  [ -f gpu-prebuilt/sources ] && [ "$(cat gpu-prebuilt/sources)" = "$digest" ] && prebuilt=yes
+  if [ "$prebuilt" = yes ] && cp gpu-prebuilt/_C.*.so rnnkernels/ && cuda_kernels_load; then
+    echo "prebuilt: $(ls gpu-prebuilt/*.so), $(cat gpu-prebuilt/built-with)"
+  else
+    [ "$prebuilt" = yes ] && echo "prebuilt: did not load here; building from source" && rm -f rnnkernels/_C.*.so
+    TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 "$PYTHON" -m pip install --no-build-isolation --no-deps -e . || return 1
   fi
-  TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 "$PYTHON" -m pip install --no-build-isolation --no-deps -e . || return 1
   mkdir -p build && echo "$digest" >"$stamp"
 }
 

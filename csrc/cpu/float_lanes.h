@@ -23,6 +23,7 @@
 #define SIMDE_ENABLE_NATIVE_ALIASES
 #include <simde/arm/neon.h>
 #define RNNKERNELS_NEON 1
+#define RNNKERNELS_FLOAT_LANES 1
 #if !defined(vdivq_f32)  // not in SIMDe 0.7 (Debian 12): lane by lane, each an IEEE division as NEON's
 inline float32x4_t vdivq_f32(float32x4_t a, float32x4_t b) {
   float quotient[4], divisor[4];
@@ -35,10 +36,9 @@ inline float32x4_t vdivq_f32(float32x4_t a, float32x4_t b) {
 #elif defined(__aarch64__) && defined(__ARM_NEON)
 #include <arm_neon.h>
 #define RNNKERNELS_NEON 1
+#define RNNKERNELS_FLOAT_LANES 1
 #elif defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
-#endif
-#if defined(RNNKERNELS_NEON) || defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #define RNNKERNELS_FLOAT_LANES 1
 #endif
 
