@@ -4,6 +4,8 @@
 #include <torch/library.h>
 
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "cpu/recurrence.h"
 #include "step_autograd.h"
@@ -33,19 +35,43 @@ const char* kStepArgs =
 constexpr rnnkernels::Cell kCells[] = {rnnkernels::Cell::LSTM, rnnkernels::Cell::GRU, rnnkernels::Cell::RNN_TANH,
                                        rnnkernels::Cell::RNN_RELU};
 
+// Every operator, (name, arguments). First the input projection x w^T + b of all time steps as one GEMM,
+// on the CPU through oneDNN, which is up to twice as fast as the BLAS behind F.linear on some CPUs;
+// elsewhere F.linear runs instead.
+std::vector<std::pair<std::string, std::string>> schemas() {
+  std::vector<std::pair<std::string, std::string>> all = {{"linear", "(Tensor x, Tensor w, Tensor? b) -> Tensor"}};
+  for (const rnnkernels::Cell cell : kCells) {
+    const std::string name = rnnkernels::name_of(cell);
+    all.emplace_back(name + "_forward", kForwardArgs);
+    all.emplace_back(name + "_backward", kBackwardArgs);
+    all.emplace_back(name + "_step", kStepArgs);
+  }
+  return all;
+}
+
+// The kernels call ATen (the oneDNN and cuBLAS GEMMs) on tensors of their inputs' dtype; under
+// torch.autocast those calls would answer in the autocast dtype, which the rest of a kernel does not
+// expect. So every operator runs as if autocast were off, at the dtype it is given: the modules apply
+// autocast's casts before they call (rnnkernels/functional.py, autocast_dtype).
+void run_without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  op.callBoxed(stack);
+}
+
+void register_without_autocast(torch::Library& m) {
+  for (const auto& [name, args] : schemas()) {
+    m.impl(name.c_str(), torch::CppFunction::makeFromBoxedFunction<&run_without_autocast>());
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rnnkernels, m) {
-  // The input projection x w^T + b of all time steps as one GEMM, on the CPU through oneDNN, which is
-  // up to twice as fast as the BLAS behind F.linear on some CPUs; elsewhere F.linear runs instead.
-  m.def("linear(Tensor x, Tensor w, Tensor? b) -> Tensor");
-  for (const rnnkernels::Cell cell : kCells) {
-    const std::string name = rnnkernels::name_of(cell);
-    m.def((name + "_forward" + kForwardArgs).c_str());
-    m.def((name + "_backward" + kBackwardArgs).c_str());
-    m.def((name + "_step" + kStepArgs).c_str());
-  }
+  for (const auto& [name, args] : schemas()) m.def((name + args).c_str());
 }
+
+TORCH_LIBRARY_IMPL(rnnkernels, AutocastCPU, m) { register_without_autocast(m); }
+TORCH_LIBRARY_IMPL(rnnkernels, AutocastCUDA, m) { register_without_autocast(m); }
 
 TORCH_LIBRARY_IMPL(rnnkernels, CPU, m) {
   using rnnkernels::Cell;

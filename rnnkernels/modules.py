@@ -116,13 +116,20 @@ class _RNNBase(_Twin):
         if packed or not self._checks_are_torch_nn or not self._well_formed(x, hx, is_lstm, weights[0].w_ih.dtype):
             self._update_flat_weights()  # check_input reads the dtype there, as torch.nn's forward refreshes it
             self.check_forward_args(check_input, hx, check_sizes)
+        if x.size(0) == 0:  # after the checks, as torch.nn's kernels make it
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         h0, c0 = hx if is_lstm else (hx, None)
-
-        backend = backends.select(self.backend, x.device, x.dtype)
-        output, h_n, c_n = functional.rnn(
-            self.mode.lower(), x, h0, c0, weights, self.num_layers, self.bidirectional,
-            self.dropout, self.training, lengths, backend,
-        )
+        device = x.device
+        autocast = functional.autocast_dtype(device)
+        if autocast is not None:
+            x, h0, c0 = functional.autocast_cast((x, h0, c0), autocast)
+            weights = [w.autocast(autocast) for w in weights]
+        backend = backends.select(self.backend, device, x.dtype)
+        with functional.autocast_off(device, autocast):
+            output, h_n, c_n = functional.rnn(
+                self.mode.lower(), x, h0, c0, weights, self.num_layers, self.bidirectional,
+                self.dropout, self.training, lengths, backend,
+            )
         hidden = (h_n, c_n) if is_lstm else h_n
         if packed:
             output = pack_padded_sequence(output, lengths).data
@@ -199,8 +206,9 @@ class _CellBase(_Twin):
         if not is_batched:
             input = input.unsqueeze(0)
             states = tuple(state.unsqueeze(0) for state in states)
+        device = input.device
         if not states:
-            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=device)
             states = (zeros, zeros) if is_lstm else (zeros,)
         try:
             parameters = self._parameters
@@ -208,15 +216,20 @@ class _CellBase(_Twin):
                                       parameters["bias_hh"])
         except KeyError:  # moved out by torch.nn.utils.parametrize, prune or weight_norm: computed on access
             w_ih, w_hh, b_ih, b_hh = self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+        autocast = functional.autocast_dtype(device)
+        if autocast is not None:  # before the checks, which then see what the step gets (as torch.nn's cells)
+            input, w_ih, w_hh, b_ih, b_hh, *states = functional.autocast_cast((input, w_ih, w_hh, b_ih, b_hh, *states),
+                                                                              autocast)
         dtype, state_shape = w_ih.dtype, (input.shape[0], self.hidden_size)
         well_formed = input.dtype == dtype and input.shape[1] == self.input_size
         for state in states:
             well_formed = well_formed and state.shape == state_shape and state.dtype == dtype
         if not well_formed:
             self._check(input, states, dtype)
-        backend = backends.select(self.backend, input.device, dtype)
-        h, c = backend.step(self._cell_name(), input, states[0], states[1] if is_lstm else None, w_ih, w_hh, b_ih,
-                            b_hh, None)
+        backend = backends.select(self.backend, device, dtype)
+        with functional.autocast_off(device, autocast):
+            h, c = backend.step(self._cell_name(), input, states[0], states[1] if is_lstm else None, w_ih, w_hh,
+                                b_ih, b_hh, None)
         if not is_batched:
             h = h.squeeze(0)
             c = c.squeeze(0) if is_lstm else None

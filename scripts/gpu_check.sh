@@ -136,13 +136,14 @@ backends.unsupported('triton', torch.device('cuda'), torch.float32) or 'availabl
 # No caching allocator under the sanitizer: every buffer its own allocation, so out-of-bounds accesses
 # inside torch's memory pool are caught too.
 sanitize=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --error-exitcode 1 --print-limit 20)
-# The CUDA backend's GPU tests (and the modules' and the benchmark suite's); Triton's in the second group.
-phase tests_cuda 120 pytest_gpu tests -m cuda --ignore tests/test_triton.py
+# The CUDA backend's GPU tests (and the modules' and the benchmark suite's); Triton's, which compile its
+# kernels, in the second group (those of other files are the ones with "triton" in their names).
+phase tests_cuda 120 pytest_gpu tests -m cuda --ignore tests/test_triton.py -k "not triton"
 phase bench_bfloat16 220 bench bfloat16 "$(limit_for 220)"
 phase sanitize_memcheck 100 "${sanitize[@]}" --tool memcheck "$PYTHON" scripts/sanitize_case.py
 phase bench_float32 120 bench float32 "$(limit_for 120)" --word-lm
 # Not the slow tests there: they compile every kernel variant for sm_90 with ptxas, which the GPU does anyway.
-phase tests_triton 60 pytest_gpu tests/test_triton.py -m "not slow"
+phase tests_triton 60 pytest_gpu tests/test_triton.py tests/test_autocast.py -m "cuda and not slow" -k triton
 phase sweep 40 "$PYTHON" scripts/gpu_sweep.py --json "$OUT/sweep.json"
 phase sanitize_racecheck 100 "${sanitize[@]}" --tool racecheck "$PYTHON" scripts/sanitize_case.py
 

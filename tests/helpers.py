@@ -206,16 +206,19 @@ def cotangent(name: str, like: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------- runs
-def run(module: nn.Module, x, hx=None, *, seed: int = 0, backward: bool = True):
+def run(module: nn.Module, x, hx=None, *, seed: int = 0, backward: bool = True, autocast: torch.dtype | None = None):
     """Forward (after torch.manual_seed(seed), for dropout) and backward of a random linear functional of
     every output; without backward, the forward alone under torch.no_grad (inference, as in generation).
+    autocast: the forward (not the backward) under torch.autocast to that dtype, on the module's device.
     Returns (results, meta): results maps names to tensors (outputs, final states, the gradients of input,
     hx and every parameter); meta holds the PackedSequence index fields."""
     for p in module.parameters():
         p.grad = None
     x, hx = leaf(x), leaf(hx)
     torch.manual_seed(seed)
-    with contextlib.nullcontext() if backward else torch.no_grad():
+    device_type = next(module.parameters()).device.type
+    with (contextlib.nullcontext() if backward else torch.no_grad(),
+          contextlib.nullcontext() if autocast is None else torch.autocast(device_type, dtype=autocast)):
         out = module(x) if hx is None else module(x, hx)
     results, meta = {}, {}
     if isinstance(module, (nn.RNNCellBase,)):

@@ -33,6 +33,8 @@ RNN_BAD_CALLS = {
     "hx_2d_for_batched": lambda k: (torch.randn(4, 3, I), states(k, 3, H)),
     "hx_3d_for_unbatched": lambda k: (torch.randn(4, I), states(k, 1, 1, H)),
     "unbatched_hx_wrong_size": lambda k: (torch.randn(4, I), states(k, 1, H + 2)),
+    "no_time_steps": lambda k: (torch.randn(0, 3, I), None),
+    "unbatched_no_time_steps": lambda k: (torch.randn(0, I), None),
     "input_1d": lambda k: (torch.randn(I), None),
     "input_4d": lambda k: (torch.randn(2, 4, 3, I), None),
     "input_float64": lambda k: (torch.randn(4, 3, I, dtype=torch.float64), None),

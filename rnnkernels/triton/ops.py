@@ -24,9 +24,17 @@ PREFIX = "triton_"
 _define = torch.library.custom_op if launch.INTERPRETED else torch.library.triton_op
 
 
-def _on_device(t: Tensor):
-    # Triton launches on the current CUDA device.
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+@contextlib.contextmanager
+def _launching(t: Tensor):
+    """Where a launcher runs: on t's CUDA device, as Triton launches on the current one; and with autocast
+    off, so that its own torch calls (the weight gradients' matmuls) keep the dtype they are given, as
+    the compiled operators do (csrc/ops.cpp)."""
+    with contextlib.ExitStack() as stack:
+        if t.device.type == "cuda":
+            stack.enter_context(torch.cuda.device(t.device))
+        if torch._C._is_any_autocast_enabled():
+            stack.enter_context(torch.autocast(t.device.type, enabled=False))
+        yield
 
 
 def _define_ops(cell: str) -> None:
@@ -34,7 +42,7 @@ def _define_ops(cell: str) -> None:
     def forward(gx: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor, b_hh: Optional[Tensor],
                 w_hr: Optional[Tensor], lengths: Optional[Tensor], reverse: bool,
                 keep_workspace: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        with _on_device(gx):
+        with _launching(gx):
             return launch.forward(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, keep_workspace)
 
     @_define(f"rnnkernels::{PREFIX}{cell}_backward", mutates_args=())
@@ -42,7 +50,7 @@ def _define_ops(cell: str) -> None:
                  c0: Optional[Tensor], w_hh: Tensor, w_hr: Optional[Tensor], lengths: Optional[Tensor],
                  reverse: bool, output: Tensor,
                  workspace: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        with _on_device(output):
+        with _launching(output):
             return launch.backward(cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, lengths, reverse,
                                    output, workspace)
 
@@ -69,5 +77,5 @@ def step(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr):
     if (w_hr is not None or type(x) is not torch.Tensor or torch.compiler.is_compiling()
             or torch._C._len_torch_dispatch_stack() > 0 or ops.needs_workspace(inputs)):
         return None
-    with _on_device(x):
+    with _launching(x):
         return launch.step(cell, *inputs)

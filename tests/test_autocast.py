@@ -1,0 +1,225 @@
+"""torch.autocast (mixed precision). The rule (rnnkernels.functional.autocast_dtype): under autocast a layer
+runs as the same layer would in the autocast dtype, so its outputs equal, bit for bit, those of a copy of the
+layer in that dtype, and its gradients those of the copy cast back to the float32 parameters and inputs.
+Where torch.nn itself runs a layer in the autocast dtype, ours matches it by the correctness rule of
+tests/helpers.py. The operators themselves ignore autocast, forward and backward, so that a kernel's own
+GEMMs keep the dtype it was given."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from helpers import (CELL_KINDS, assert_results, cell_inputs, cotangent, leaf, rnn_inputs, run, to_dtype,
+                     torch_module, twin)
+from rnnkernels import backends, ops
+from rnnkernels.reference import GATES
+from test_modules import I, H, build_case
+
+pytestmark = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="compiled extension not loaded")
+
+AUTOCAST_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="f16")]
+# (device, backend) for every backend of each device; the triton backend runs on the CPU in Triton's
+# interpreter only (TRITON_INTERPRET=1), and is skipped elsewhere with the reason.
+ON_DEVICE_PAIRS = [("cpu", "cpu"), ("cpu", "reference"), ("cpu", "triton"), ("cuda", "cuda"), ("cuda", "triton"),
+                   ("cuda", "reference")]
+ON_DEVICES = [pytest.param(device, backend, id=f"{device}-{backend}",
+                           marks=[pytest.mark.cuda] if device == "cuda" else [])
+              for device, backend in ON_DEVICE_PAIRS]
+SEQUENCE_CASES = [("LSTM", "proj_packed_unsorted_hx_bidir"), ("LSTM", "dropout_train_three_layers_bidir_hx"),
+                  ("GRU", "packed_unsorted_hx_bidir_two_layers"), ("GRU", "unbatched_hx_batch_first_bidir_two_layers"),
+                  ("RNN_tanh", "no_bias_bidirectional_hx"), ("RNN_relu", "batch_first_two_layers_hx")]
+STATES = ("output", "h_n", "c_n", "h", "c")
+
+
+def skip_unless_runs(backend: str, device: str, dtype: torch.dtype) -> None:
+    why_not = backends.unsupported(backend, torch.device(device), dtype)
+    if why_not is not None:
+        pytest.skip(why_not)
+
+
+def assert_is_the_layer_in(dtype: torch.dtype, under_autocast: dict, in_dtype: dict) -> None:
+    """under_autocast: results of a float32 layer under autocast to dtype; in_dtype: of its copy in dtype."""
+    assert set(under_autocast) == set(in_dtype)
+    for name, expected in in_dtype.items():
+        got = under_autocast[name]
+        if expected is None:
+            assert got is None, name
+            continue
+        # The outputs in the autocast dtype; gradients in that of their float32 leaf, through the cast.
+        assert got.dtype == (dtype if name in STATES else torch.float32), f"{name}: {got.dtype}"
+        assert torch.equal(got, expected.to(got.dtype)), f"{name}: differs from the layer in {dtype}"
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+@pytest.mark.parametrize("device,backend", ON_DEVICES)
+@pytest.mark.parametrize("kind,case,T", [(k, c, 5) for k, c in SEQUENCE_CASES] + [("LSTM", "two_layers_hx", 1)],
+                         ids=[f"{k}-{c}" for k, c in SEQUENCE_CASES] + ["LSTM-one_step"])
+def test_layer_under_autocast_is_the_layer_in_that_dtype(kind, case, T, device, backend, dtype):
+    skip_unless_runs(backend, device, dtype)
+    m, ours, x, hx = build_case(kind, case, torch.float32, backend, device=device, T=T)
+    in_dtype = twin(copy.deepcopy(m).to(dtype), backend)
+    expected, expected_meta = run(in_dtype, to_dtype(x, dtype), to_dtype(hx, dtype), seed=5)
+    got, meta = run(ours, x, hx, seed=5, autocast=dtype)
+    assert_is_the_layer_in(dtype, got, expected)
+    assert meta.keys() == expected_meta.keys()
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+@pytest.mark.parametrize("device,backend", ON_DEVICES)
+@pytest.mark.parametrize("kind", list(CELL_KINDS))
+def test_cell_steps_under_autocast_are_the_cell_in_that_dtype(kind, device, backend, dtype):
+    """A generation loop: each step's state, in the autocast dtype, goes back into the float32 cell."""
+    skip_unless_runs(backend, device, dtype)
+    m = torch_module(kind, device=device, input_size=I, hidden_size=H)
+    ours, in_dtype = twin(m, backend), twin(copy.deepcopy(m).to(dtype), backend)
+    x, hx = cell_inputs(m, hx=True)
+    expected, _ = run(in_dtype, to_dtype(x, dtype), to_dtype(hx, dtype))
+    got, _ = run(ours, x, hx, autocast=dtype)
+    assert_is_the_layer_in(dtype, got, expected)
+    with torch.no_grad():
+        state, state_in_dtype = None, None
+        for step in range(3):
+            with torch.autocast(device, dtype=dtype):
+                state = ours(x, state)
+            state_in_dtype = in_dtype(x.to(dtype), state_in_dtype)
+            for a, b in zip(state if isinstance(state, tuple) else (state,),
+                            state_in_dtype if isinstance(state_in_dtype, tuple) else (state_in_dtype,)):
+                assert a.dtype == dtype and torch.equal(a, b), f"step {step}"
+
+
+# Where torch.nn runs a layer in the autocast dtype itself: on the CPU its oneDNN LSTM and its RNN and
+# RNNCell under bfloat16 (its GRU and other cells stay in float32 there); on the GPU every layer through
+# cuDNN under float16 (cuDNN layers take float16 under bfloat16 autocast too) and the cells under either.
+TORCH_AUTOCASTS = ([("cpu", torch.bfloat16, kind) for kind in ("LSTM", "RNN_tanh", "RNN_relu", "RNNCell_tanh",
+                                                               "RNNCell_relu")] +
+                   [pytest.param("cuda", torch.float16, kind, marks=pytest.mark.cuda)
+                    for kind in ("LSTM", "GRU", "RNN_tanh", "LSTMCell", "GRUCell", "RNNCell_relu")] +
+                   [pytest.param("cuda", torch.bfloat16, kind, marks=pytest.mark.cuda) for kind in CELL_KINDS])
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("device,dtype,kind", TORCH_AUTOCASTS,
+                         ids=[f"{p[0]}-{p[1]}-{p[2]}" if isinstance(p, tuple) else f"{p.values[0]}-{p.values[1]}-"
+                              f"{p.values[2]}" for p in TORCH_AUTOCASTS])
+def test_matches_torch_nn_under_autocast(device, dtype, kind, backend):
+    is_cell = kind in CELL_KINDS
+    m = torch_module(kind, device=device, input_size=I, hidden_size=H,
+                     **({} if is_cell else dict(num_layers=2, bidirectional=True)))
+    x, hx = cell_inputs(m, hx=True) if is_cell else rnn_inputs(m, hx=True)
+    theirs, _ = run(m, x, hx, autocast=dtype)
+    state = theirs["h" if is_cell else "output"]
+    if state.dtype != dtype:
+        pytest.skip(f"this torch runs {kind} in {state.dtype} under autocast to {dtype}")
+    ours, _ = run(twin(m, backend), x, hx, autocast=dtype)
+    reference, _ = run(copy.deepcopy(m).double(), to_dtype(x, torch.float64), to_dtype(hx, torch.float64))
+    # Gradients of float32 leaves through a cast hold values of dtype: compared in it.
+    lowered = lambda results: {name: t.to(dtype) for name, t in results.items()}  # noqa: E731
+    assert_results(lowered(ours), lowered(theirs), reference, dtype)
+
+
+# ------------------------------------------------------------------------------------------ operators
+OPERATOR_DEVICES = [("cpu", ""), ("cpu", "triton_"), pytest.param("cuda", "", marks=pytest.mark.cuda),
+                    pytest.param("cuda", "triton_", marks=pytest.mark.cuda)]
+
+
+def operator_calls(cell: str, prefix: str, device: str) -> dict:
+    """Each operator of `cell` with float32 arguments: name -> a call."""
+    g = torch.Generator().manual_seed(3)
+    T, B, In, Hd = 4, 3, 5, 6
+    G = GATES[cell]
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    gx, h0, w_hh, b_hh, x, w_ih = rand(T, B, G * Hd), rand(B, Hd), rand(G * Hd, Hd), rand(G * Hd), rand(B, In), rand(G * Hd, In)
+    c0 = rand(B, Hd) if cell == "lstm" else None
+    forward = ops.forward_op(cell, prefix)
+    output, _, _, workspace = forward(gx, h0, c0, w_hh, b_hh, None, None, False, True)
+    grad_output, grad_h_n, grad_c_n = rand(T, B, Hd), rand(B, Hd), rand(B, Hd) if cell == "lstm" else None
+    backward = getattr(torch.ops.rnnkernels, f"{prefix}{cell}_backward")
+    calls = {
+        "forward": lambda: forward(gx, h0, c0, w_hh, b_hh, None, None, True, True),
+        "backward": lambda: backward(grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, None, None, False, output,
+                                     workspace),
+    }
+    if not prefix:  # the compiled operators alone have a projection and a step
+        calls["linear"] = lambda: torch.ops.rnnkernels.linear(x, w_ih, b_hh)
+        calls["step"] = lambda: getattr(torch.ops.rnnkernels, f"{cell}_step")(x, h0, c0, w_ih, w_hh, b_hh, b_hh, None,
+                                                                               True)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+@pytest.mark.parametrize("device,prefix", OPERATOR_DEVICES, ids=["cpu", "cpu-triton", "cuda", "cuda-triton"])
+@pytest.mark.parametrize("cell", list(GATES))
+def test_operators_ignore_autocast(cell, device, prefix, dtype):
+    skip_unless_runs("triton" if prefix else device, device, torch.float32)
+    for name, call in operator_calls(cell, prefix, device).items():
+        outside = call()
+        with torch.autocast(device, dtype=dtype):
+            inside = call()
+        outside, inside = (outside,) if isinstance(outside, torch.Tensor) else outside, (
+            (inside,) if isinstance(inside, torch.Tensor) else inside)
+        for index, (a, b) in enumerate(zip(outside, inside, strict=True)):
+            assert b.dtype == a.dtype == torch.float32 and torch.equal(a, b), f"{name} result {index}"
+
+
+@pytest.mark.parametrize("device,backend", [p for p in ON_DEVICES if p.values[1] in ("cpu", "cuda")])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_tanh", "LSTMCell"])
+def test_backward_inside_an_autocast_region(kind, device, backend):
+    """A float32 forward whose backward runs inside autocast (the engine carries the region to it) has the
+    gradients of the same backward run outside, on the backends made of rnnkernels operators alone. (The
+    reference and triton backends take the input projection's backward from torch's autograd of F.linear,
+    which autocast reaches as it does anywhere; the triton operators' own backward is checked above.)"""
+    skip_unless_runs(backend, device, torch.float32)
+    is_cell = kind in CELL_KINDS
+    m = torch_module(kind, device=device, input_size=I, hidden_size=H,
+                     **({} if is_cell else dict(num_layers=2, bidirectional=True)))
+    ours = twin(m, backend)
+    x, hx = cell_inputs(m, hx=True) if is_cell else rnn_inputs(m, hx=True)
+    gradients = []
+    for region in (False, True):
+        ours.zero_grad(set_to_none=True)
+        xi, hi = leaf(x), leaf(hx)
+        out = ours(xi, hi)
+        first = out[0] if isinstance(out, tuple) else out
+        loss = (first.double() * cotangent("output", first)).sum()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=region):
+            loss.backward()
+        gradients.append([xi.grad] + [p.grad for p in ours.parameters()])
+    for index, (a, b) in enumerate(zip(*gradients, strict=True)):
+        assert b.dtype == torch.float32 and torch.equal(a, b), f"gradient {index}"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_float64_layer_ignores_autocast(backend):
+    """autocast leaves float64 alone, and so does the layer."""
+    m = torch_module("GRU", dtype=torch.float64, input_size=I, hidden_size=H, num_layers=2)
+    ours = twin(m, backend)
+    x, hx = rnn_inputs(m, hx=True)
+    expected, _ = run(ours, x, hx)
+    got, _ = run(ours, x, hx, autocast=torch.bfloat16)
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert got[name].dtype == torch.float64 and torch.equal(got[name], value), name
+
+
+@pytest.mark.slow
+def test_compiled_layer_under_autocast():
+    """torch.compile traces the autocast rule in one graph, and recompiles where autocast changes."""
+    torch._dynamo.reset()
+    m = torch_module("LSTM", input_size=I, hidden_size=H, num_layers=2, proj_size=3)
+    eager, compiled = twin(m, "cpu"), twin(m, "cpu")
+    compiled.forward = torch.compile(compiled.forward, fullgraph=True, backend="inductor")
+    x, hx = rnn_inputs(m, hx=True)
+    for autocast in (torch.bfloat16, None):
+        expected, _ = run(eager, x, hx, autocast=autocast)
+        got, _ = run(compiled, x, hx, autocast=autocast)
+        assert set(got) == set(expected)
+        for name, value in expected.items():
+            assert got[name].dtype == value.dtype, name
+            # The bias gradients' sums are inductor's, in its order: float32 rounding apart.
+            torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
