@@ -7,7 +7,9 @@ None or the reason in words.
 choice comes, from the strongest to the weakest: the ``rnnkernels.use_backend(...)`` context manager
 (per call, this thread), the module's ``backend=`` argument, the ``RNNKERNELS_BACKEND`` environment
 variable (the process default where a module says "auto"). An explicit choice that cannot run the case
-raises a ``RuntimeError`` carrying the reason.
+raises a ``RuntimeError`` carrying the reason. Under torch.func's transforms (grad, jvp, vmap, ...) and
+forward-mode AD only the reference backend runs: they see through plain torch operations, not through
+custom operators.
 """
 
 from __future__ import annotations
@@ -131,8 +133,18 @@ def check_name(name: str) -> str:
     return name
 
 
+def _transforms_active() -> bool:
+    """Whether torch.func's transforms (grad, vjp, jvp, vmap, ...) or forward-mode AD are active: both see
+    through plain torch operations only, and the other backends' operators have no rule for them (torch.func's
+    jvp through one answers zero tangents without a word)."""
+    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+
+
 def unsupported(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """None if backend `name` can run a recurrence on (device, dtype), else why not."""
+    """None if backend `name` can run a recurrence on (device, dtype) here, else why not."""
+    if name != "reference" and _transforms_active():
+        return ("torch.func transforms or forward-mode AD are active, which see through plain torch operations "
+                "only; the reference backend runs there")
     return _BY_NAME[check_name(name)].unsupported(device, dtype)
 
 
@@ -158,9 +170,10 @@ def select(requested: str, device: torch.device, dtype: torch.dtype) -> Backend:
     else:
         choice = os.environ.get("RNNKERNELS_BACKEND") or "auto"
     # A cell module asks once per generated token, so the answer is cached: what each backend supports is
-    # fixed once the extension is loaded (its load error is in the key, so that a changed state is seen).
-    # A plain dict, which torch.compile traces without the warning an lru_cache draws.
-    key = (choice, device.type, dtype, ops.LOAD_ERROR)
+    # fixed once the extension is loaded (its load error is in the key, so that a changed state is seen),
+    # but for torch.func's transforms (unsupported). A plain dict, which torch.compile traces without the
+    # warning an lru_cache draws.
+    key = (choice, device.type, dtype, ops.LOAD_ERROR, _transforms_active())
     selected = _SELECTED.get(key)
     if selected is None:
         selected = _SELECTED[key] = _selection(choice, key[1], dtype)

@@ -29,20 +29,24 @@ class _Twin:
     def __init__(self, *args, backend: str = "auto", **kwargs):
         self._adopt(self._torch_class(*args, **kwargs), backend)
 
-    def _adopt(self, module: nn.Module, backend: str) -> None:
-        # The parameters stay the same tensors; the containers (parameter and hook dicts, the list of
-        # flat weights) are copies, so that changing one module leaves the other as it was.
+    def _adopt(self, module: nn.Module, backend: str, in_its_place: bool = False) -> None:
+        # The parameters stay the same tensors. The containers (parameter and hook dicts, the list of flat
+        # weights) are copies, so that changing one module leaves the other as it was; or, for a twin that
+        # takes the module's place in a model (convert), the very same, so that handles of hooks registered
+        # before still remove them.
         for name, value in module.__dict__.items():
-            self.__dict__[name] = copy.copy(value) if isinstance(value, (dict, list)) else value
+            copied = not in_its_place and isinstance(value, (dict, list))
+            self.__dict__[name] = copy.copy(value) if copied else value
         self.backend = backends.check_name(backend)
 
     @classmethod
-    def from_torch(cls, module: nn.Module, backend: str = "auto"):
-        """A twin of `module` holding the very same parameter tensors (optimizers, tied weights keep working)."""
+    def from_torch(cls, module: nn.Module, backend: str = "auto", *, in_its_place: bool = False):
+        """A twin of `module` holding the very same parameter tensors (optimizers, tied weights keep working).
+        in_its_place: it also takes over the module's hooks and other containers (rnnkernels.convert)."""
         if type(module) is not cls._torch_class:
             raise TypeError(f"{cls.__name__}.from_torch expects a {cls._torch_class.__name__}, got {type(module).__name__}")
         twin = cls.__new__(cls)
-        twin._adopt(module, backend)
+        twin._adopt(module, backend, in_its_place)
         return twin
 
     def extra_repr(self) -> str:
@@ -116,8 +120,12 @@ class _RNNBase(_Twin):
         if packed or not self._checks_are_torch_nn or not self._well_formed(x, hx, is_lstm, weights[0].w_ih.dtype):
             self._update_flat_weights()  # check_input reads the dtype there, as torch.nn's forward refreshes it
             self.check_forward_args(check_input, hx, check_sizes)
-        if x.size(0) == 0:  # after the checks, as torch.nn's kernels make it
+        # After the checks, as torch.nn's kernels make these two (where torch.nn has indexed hx's pair,
+        # as for unbatched input, a longer tuple no longer reaches them there).
+        if x.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        if is_lstm and len(hx) != 2:
+            raise RuntimeError("lstm expects two hidden states")
         h0, c0 = hx if is_lstm else (hx, None)
         device = x.device
         autocast = functional.autocast_dtype(device)
@@ -203,6 +211,13 @@ class _CellBase(_Twin):
         is_lstm = self._cell == "lstm"
         states = () if hx is None else tuple(hx) if is_lstm else (hx,)
         is_batched = self._check_dims(input, states)
+        if is_lstm and hx is not None:  # what torch.nn's LSTMCell and its kernel make of hx's pair
+            if not is_batched:
+                states = (hx[0], hx[1])
+            elif not isinstance(hx, (tuple, list)):
+                raise TypeError(f"lstm_cell(): argument 'hx' must be tuple of Tensors, not {type(hx).__name__}")
+            elif len(states) != 2:
+                raise RuntimeError("lstm_cell expects two hidden states")
         if not is_batched:
             input = input.unsqueeze(0)
             states = tuple(state.unsqueeze(0) for state in states)

@@ -1,6 +1,6 @@
 """torch.compile of rnnkernels layers on the cpu backend: no graph breaks (fullgraph=True), same values and
 gradients as eager. Compilation is slow on small machines, so only three cases: two sequence layers, and a
-cell, whose step operator has its autograd in C++ rather than registered from Python."""
+cell, whose step operator has its autograd in C++ rather than registered from Python. And torch.export."""
 
 from __future__ import annotations
 
@@ -62,3 +62,18 @@ def test_compile_fullgraph_with_default_config():
     x = torch.randn(4, 2, 3)
     out = torch.compile(m, fullgraph=True, backend="aot_eager")(x)[0]
     torch.testing.assert_close(out, m(x)[0])
+
+
+@pytest.mark.parametrize("kind,module_kw", [("LSTM", dict(num_layers=2, proj_size=3)), ("GRUCell", dict())],
+                         ids=["lstm_proj_two_layers", "gru_cell"])
+def test_export_matches_eager(kind, module_kw):
+    """torch.export's program holds the operators, and runs a new input of the same shape as eager does."""
+    m = torch_module(kind, dtype=torch.float32, input_size=4, hidden_size=6, **module_kw)
+    ours = twin(m, "cpu").eval()
+    make = (lambda seed: cell_inputs(m, B=3, seed=seed, hx=True)) if kind.endswith("Cell") else (
+        lambda seed: rnn_inputs(m, T=5, B=3, seed=seed, hx=True))
+    x, hx = make(1)
+    program = torch.export.export(ours, (x, hx))
+    assert "rnnkernels" in str(program.graph)
+    x2, hx2 = make(7)
+    torch.testing.assert_close(program.module()(x2, hx2), ours(x2, hx2), atol=0, rtol=0)

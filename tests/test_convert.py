@@ -156,6 +156,30 @@ def test_from_torch_shares_parameters_and_flat_weights():
     torch.testing.assert_close(t(x.double())[0], m(x.double())[0], atol=1e-12, rtol=0)
 
 
+def test_convert_makes_one_twin_of_a_module_found_under_several_names():
+    lstm, gru = nn.LSTM(3, 4), nn.GRU(4, 4)
+    model = nn.Sequential(lstm, lstm)
+    model.extra = nn.ModuleList([gru, nn.Sequential(gru)])
+    rnnkernels.convert(model)
+    assert type(model[0]) is rnnkernels.LSTM and model[1] is model[0]
+    assert type(model.extra[0]) is rnnkernels.GRU and model.extra[1][0] is model.extra[0]
+    assert model[0].weight_ih_l0 is lstm.weight_ih_l0
+
+
+def test_convert_takes_over_hooks_and_their_handles():
+    m = nn.GRU(3, 4)
+    calls = []
+    kept = m.register_forward_hook(lambda *args: calls.append("kept"))
+    removed = m.register_forward_pre_hook(lambda *args: calls.append("removed"))
+    model = rnnkernels.convert(nn.Sequential(m))
+    removed.remove()  # a handle taken before conversion
+    model(torch.randn(2, 1, 3))
+    assert calls == ["kept"]
+    kept.remove()
+    model(torch.randn(2, 1, 3))
+    assert calls == ["kept"]
+
+
 def test_from_torch_does_not_share_hooks():
     m = nn.GRU(3, 4)
     t = rnnkernels.GRU.from_torch(m)

@@ -42,20 +42,27 @@ RNN_BAD_CALLS = {
     "hx_float64": lambda k: (torch.randn(4, 3, I), states(k, 1, 3, H, dtype=torch.float64)),
     "lstm_cell_state_wrong": lambda k: (torch.randn(4, 3, I), (torch.zeros(1, 3, H), torch.zeros(1, 3, H + 1))) if k == "LSTM" else None,
     "lstm_hx_not_a_tuple": lambda k: (torch.randn(4, 3, I), torch.zeros(1, 3, H)) if k == "LSTM" else None,
+    "lstm_hx_of_three": lambda k: (torch.randn(4, 3, I), (torch.zeros(1, 3, H),) * 3) if k == "LSTM" else None,
+    "lstm_hx_of_one": lambda k: (torch.randn(4, 3, I), (torch.zeros(1, 3, H),)) if k == "LSTM" else None,
     "packed_hx_batch_mismatch": lambda k: (
         torch.nn.utils.rnn.pack_padded_sequence(torch.randn(4, 3, I), torch.tensor([4, 2, 3]), enforce_sorted=False),
         states(k, 1, 2, H)),
 }
 
 
-def assert_raises_like_torch(kind, x, hx, backend):
-    """The twin raises exactly the exception type torch.nn raises for this call."""
+def assert_raises_like_torch(kind, call, backend):
+    """The twin raises exactly the exception type torch.nn raises for the arguments call() makes (made anew
+    for each module: a generator is spent by the first)."""
     m = torch_module(kind, input_size=I, hidden_size=H)
     t = twin(m, backend)
-    args = (x,) if hx is None else (x, hx)
-    expected = outcome(lambda: m(*args))
+
+    def raised_by(module):
+        x, hx = call()
+        return outcome(lambda: module(x) if hx is None else module(x, hx))
+
+    expected = raised_by(m)
     assert expected is not None, "torch.nn accepts this; the case is wrong"
-    assert outcome(lambda: t(*args)) is expected
+    assert raised_by(t) is expected
 
 
 RNN_BAD = [(kind, case) for kind in RNN_KINDS for case in RNN_BAD_CALLS if RNN_BAD_CALLS[case](kind) is not None]
@@ -64,7 +71,7 @@ RNN_BAD = [(kind, case) for kind in RNN_KINDS for case in RNN_BAD_CALLS if RNN_B
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind,case", RNN_BAD, ids=[f"{k}-{c}" for k, c in RNN_BAD])
 def test_rnn_bad_input_raises_like_torch(kind, case, backend):
-    assert_raises_like_torch(kind, *RNN_BAD_CALLS[case](kind), backend)
+    assert_raises_like_torch(kind, lambda: RNN_BAD_CALLS[case](kind), backend)
 
 
 CELL_BAD_CALLS = {
@@ -79,14 +86,22 @@ CELL_BAD_CALLS = {
     "input_float64": lambda k: (torch.randn(3, I, dtype=torch.float64), None),
     "input_int": lambda k: (torch.ones(3, I, dtype=torch.int32), None),
     "hx_float64": lambda k: (torch.randn(3, I), states(k, 3, H, dtype=torch.float64)),
+    # An LSTM cell's state pair: torch.nn's kernel wants a tuple or list of two tensors, where unbatched
+    # input has it indexed first.
+    "lstm_hx_of_three": lambda k: (torch.randn(3, I), (torch.zeros(3, H),) * 3) if k == "LSTMCell" else None,
+    "lstm_hx_of_one": lambda k: (torch.randn(3, I), (torch.zeros(3, H),)) if k == "LSTMCell" else None,
+    "lstm_hx_stacked": lambda k: (torch.randn(3, I), torch.zeros(2, 3, H)) if k == "LSTMCell" else None,
+    "lstm_hx_generator": lambda k: (torch.randn(3, I), (h for h in states(k, 3, H))) if k == "LSTMCell" else None,
+    "unbatched_lstm_hx_of_one": lambda k: (torch.randn(I), (torch.zeros(H),)) if k == "LSTMCell" else None,
+    "unbatched_lstm_hx_generator": lambda k: (torch.randn(I), (h for h in states(k, H))) if k == "LSTMCell" else None,
 }
+CELL_BAD = [(kind, case) for kind in CELL_KINDS for case in CELL_BAD_CALLS if CELL_BAD_CALLS[case](kind) is not None]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", list(CELL_BAD_CALLS))
-@pytest.mark.parametrize("kind", list(CELL_KINDS))
+@pytest.mark.parametrize("kind,case", CELL_BAD, ids=[f"{k}-{c}" for k, c in CELL_BAD])
 def test_cell_bad_input_raises_like_torch(kind, case, backend):
-    assert_raises_like_torch(kind, *CELL_BAD_CALLS[case](kind), backend)
+    assert_raises_like_torch(kind, lambda: CELL_BAD_CALLS[case](kind), backend)
 
 
 BAD_CONSTRUCTORS = [
