@@ -8,10 +8,12 @@ GEMMs keep the dtype it was given."""
 from __future__ import annotations
 
 import copy
+import zlib
 
 import pytest
 import torch
 
+import cuda_emulation
 from helpers import (CELL_KINDS, assert_results, cell_inputs, cotangent, leaf, rnn_inputs, run, to_dtype,
                      torch_module, twin)
 from rnnkernels import backends, ops
@@ -22,12 +24,31 @@ pytestmark = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="compiled ext
 
 AUTOCAST_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="f16")]
 # (device, backend) for every backend of each device; the triton backend runs on the CPU in Triton's
-# interpreter only (TRITON_INTERPRET=1), and is skipped elsewhere with the reason.
-ON_DEVICE_PAIRS = [("cpu", "cpu"), ("cpu", "reference"), ("cpu", "triton"), ("cuda", "cuda"), ("cuda", "triton"),
-                   ("cuda", "reference")]
-ON_DEVICES = [pytest.param(device, backend, id=f"{device}-{backend}",
-                           marks=[pytest.mark.cuda] if device == "cuda" else [])
-              for device, backend in ON_DEVICE_PAIRS]
+# interpreter only (TRITON_INTERPRET=1), and is skipped elsewhere with the reason. "emulated": the CUDA
+# backend's code on CPU tensors, in the host emulation of tests/cuda_emulation.
+ON_DEVICE_PAIRS = [("cpu", "cpu"), ("cpu", "reference"), ("cpu", "triton"), ("emulated", "cuda"), ("cuda", "cuda"),
+                   ("cuda", "triton"), ("cuda", "reference")]
+
+
+def on_devices(backends_wanted=("cpu", "reference", "triton", "cuda")) -> list:
+    return [pytest.param((device, backend), id=f"{device}-{backend}",
+                         marks=[pytest.mark.cuda] if device == "cuda" else [])
+            for device, backend in ON_DEVICE_PAIRS if backend in backends_wanted]
+
+
+@pytest.fixture
+def on(request):
+    """(device, backend) where the test's tensors and layers are, the emulation installed for "emulated"."""
+    device, backend = request.param
+    if device != "emulated":
+        yield device, backend
+        return
+    if cuda_emulation.UNSUPPORTED is not None:
+        pytest.skip(cuda_emulation.UNSUPPORTED)
+    with cuda_emulation.Installation(seed=zlib.crc32(request.node.nodeid.encode())):
+        yield "cpu", "cpu"  # the cpu backend's operators, whose CPU kernels are now the emulated CUDA ones
+
+
 SEQUENCE_CASES = [("LSTM", "proj_packed_unsorted_hx_bidir"), ("LSTM", "dropout_train_three_layers_bidir_hx"),
                   ("GRU", "packed_unsorted_hx_bidir_two_layers"), ("GRU", "unbatched_hx_batch_first_bidir_two_layers"),
                   ("RNN_tanh", "no_bias_bidirectional_hx"), ("RNN_relu", "batch_first_two_layers_hx")]
@@ -54,10 +75,11 @@ def assert_is_the_layer_in(dtype: torch.dtype, under_autocast: dict, in_dtype: d
 
 
 @pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
-@pytest.mark.parametrize("device,backend", ON_DEVICES)
+@pytest.mark.parametrize("on", on_devices(), indirect=True)
 @pytest.mark.parametrize("kind,case,T", [(k, c, 5) for k, c in SEQUENCE_CASES] + [("LSTM", "two_layers_hx", 1)],
                          ids=[f"{k}-{c}" for k, c in SEQUENCE_CASES] + ["LSTM-one_step"])
-def test_layer_under_autocast_is_the_layer_in_that_dtype(kind, case, T, device, backend, dtype):
+def test_layer_under_autocast_is_the_layer_in_that_dtype(kind, case, T, on, dtype):
+    device, backend = on
     skip_unless_runs(backend, device, dtype)
     m, ours, x, hx = build_case(kind, case, torch.float32, backend, device=device, T=T)
     in_dtype = twin(copy.deepcopy(m).to(dtype), backend)
@@ -68,10 +90,11 @@ def test_layer_under_autocast_is_the_layer_in_that_dtype(kind, case, T, device, 
 
 
 @pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
-@pytest.mark.parametrize("device,backend", ON_DEVICES)
+@pytest.mark.parametrize("on", on_devices(), indirect=True)
 @pytest.mark.parametrize("kind", list(CELL_KINDS))
-def test_cell_steps_under_autocast_are_the_cell_in_that_dtype(kind, device, backend, dtype):
+def test_cell_steps_under_autocast_are_the_cell_in_that_dtype(kind, on, dtype):
     """A generation loop: each step's state, in the autocast dtype, goes back into the float32 cell."""
+    device, backend = on
     skip_unless_runs(backend, device, dtype)
     m = torch_module(kind, device=device, input_size=I, hidden_size=H)
     ours, in_dtype = twin(m, backend), twin(copy.deepcopy(m).to(dtype), backend)
@@ -121,10 +144,6 @@ def test_matches_torch_nn_under_autocast(device, dtype, kind, backend):
 
 
 # ------------------------------------------------------------------------------------------ operators
-OPERATOR_DEVICES = [("cpu", ""), ("cpu", "triton_"), pytest.param("cuda", "", marks=pytest.mark.cuda),
-                    pytest.param("cuda", "triton_", marks=pytest.mark.cuda)]
-
-
 def operator_calls(cell: str, prefix: str, device: str) -> dict:
     """Each operator of `cell` with float32 arguments: name -> a call."""
     g = torch.Generator().manual_seed(3)
@@ -153,11 +172,12 @@ def operator_calls(cell: str, prefix: str, device: str) -> dict:
 
 
 @pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
-@pytest.mark.parametrize("device,prefix", OPERATOR_DEVICES, ids=["cpu", "cpu-triton", "cuda", "cuda-triton"])
+@pytest.mark.parametrize("on", on_devices(("cpu", "triton", "cuda")), indirect=True)
 @pytest.mark.parametrize("cell", list(GATES))
-def test_operators_ignore_autocast(cell, device, prefix, dtype):
-    skip_unless_runs("triton" if prefix else device, device, torch.float32)
-    for name, call in operator_calls(cell, prefix, device).items():
+def test_operators_ignore_autocast(cell, on, dtype):
+    device, backend = on
+    skip_unless_runs(backend, device, torch.float32)
+    for name, call in operator_calls(cell, "triton_" if backend == "triton" else "", device).items():
         outside = call()
         with torch.autocast(device, dtype=dtype):
             inside = call()
@@ -167,13 +187,14 @@ def test_operators_ignore_autocast(cell, device, prefix, dtype):
             assert b.dtype == a.dtype == torch.float32 and torch.equal(a, b), f"{name} result {index}"
 
 
-@pytest.mark.parametrize("device,backend", [p for p in ON_DEVICES if p.values[1] in ("cpu", "cuda")])
+@pytest.mark.parametrize("on", on_devices(("cpu", "cuda")), indirect=True)
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_tanh", "LSTMCell"])
-def test_backward_inside_an_autocast_region(kind, device, backend):
+def test_backward_inside_an_autocast_region(kind, on):
     """A float32 forward whose backward runs inside autocast (the engine carries the region to it) has the
     gradients of the same backward run outside, on the backends made of rnnkernels operators alone. (The
     reference and triton backends take the input projection's backward from torch's autograd of F.linear,
     which autocast reaches as it does anywhere; the triton operators' own backward is checked above.)"""
+    device, backend = on
     skip_unless_runs(backend, device, torch.float32)
     is_cell = kind in CELL_KINDS
     m = torch_module(kind, device=device, input_size=I, hidden_size=H,
