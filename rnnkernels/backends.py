@@ -18,9 +18,10 @@ import contextlib
 import dataclasses
 import os
 import threading
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from . import ops, reference
 
@@ -133,18 +134,27 @@ def check_name(name: str) -> str:
     return name
 
 
-def _transforms_active() -> bool:
-    """Whether torch.func's transforms (grad, vjp, jvp, vmap, ...) or forward-mode AD are active: both see
-    through plain torch operations only, and the other backends' operators have no rule for them (torch.func's
-    jvp through one answers zero tangents without a word)."""
-    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
-
-
-def unsupported(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """None if backend `name` can run a recurrence on (device, dtype) here, else why not."""
-    if name != "reference" and _transforms_active():
-        return ("torch.func transforms or forward-mode AD are active, which see through plain torch operations "
+_TRANSFORMED = ("torch.func transforms or forward-mode AD are active, which see through plain torch operations "
                 "only; the reference backend runs there")
+
+
+def _transformed(tensors: Callable[[], Iterable]) -> bool:
+    """Whether torch.func's transforms (grad, vjp, jvp, vmap, ...) are active in this thread, or forward-mode
+    AD with a tangent on one of tensors(). Both see through plain torch operations only; the other
+    backends' operators have no rule for them (torch.func's jvp through one answers zero tangents without a
+    word). The dual level is the process's, not the thread's: so the tangents decide."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    if forward_ad._current_level < 0:
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors())
+
+
+def unsupported(name: str, device: torch.device, dtype: torch.dtype, transformed: bool = False) -> str | None:
+    """None if backend `name` can run a recurrence on (device, dtype), under torch.func's transforms or on
+    forward-mode AD's tangents where `transformed`, else why not."""
+    if transformed and name != "reference":
+        return _TRANSFORMED
     return _BY_NAME[check_name(name)].unsupported(device, dtype)
 
 
@@ -160,8 +170,9 @@ def use_backend(name: str):
         _override.name = previous
 
 
-def select(requested: str, device: torch.device, dtype: torch.dtype) -> Backend:
-    """The backend that runs a layer whose module asked for `requested`, on (device, dtype)."""
+def select(requested: str, device: torch.device, dtype: torch.dtype, tensors: Callable[[], Iterable] = lambda: ()) -> Backend:
+    """The backend that runs a layer whose module asked for `requested`, on (device, dtype); tensors(): the
+    layer's input, states and weights, looked at under forward-mode AD only."""
     override = _override.name
     if override is not None and override != "auto":
         choice = override
@@ -170,27 +181,31 @@ def select(requested: str, device: torch.device, dtype: torch.dtype) -> Backend:
     else:
         choice = os.environ.get("RNNKERNELS_BACKEND") or "auto"
     # A cell module asks once per generated token, so the answer is cached: what each backend supports is
-    # fixed once the extension is loaded (its load error is in the key, so that a changed state is seen),
-    # but for torch.func's transforms (unsupported). A plain dict, which torch.compile traces without the
-    # warning an lru_cache draws.
-    key = (choice, device.type, dtype, ops.LOAD_ERROR, _transforms_active())
+    # fixed once the extension is loaded (its load error is in the key, so that a changed state is seen).
+    # A plain dict, which torch.compile traces without the warning an lru_cache draws; but not written
+    # while compiling, where the write would fail the guard of the frame it is compiled into.
+    transformed = _transformed(tensors)
+    key = (choice, device.type, dtype, ops.LOAD_ERROR, transformed)
     selected = _SELECTED.get(key)
     if selected is None:
-        selected = _SELECTED[key] = _selection(choice, key[1], dtype)
+        selected = _selection(choice, key[1], dtype, transformed)
+        if not torch.compiler.is_compiling():
+            _SELECTED[key] = selected
     name, reason = selected
     if reason is not None:  # in words again, for this very device (the cached reason names its type only)
-        raise RuntimeError(f"rnnkernels: backend {choice!r} cannot run this input: {unsupported(choice, device, dtype)}")
+        why = unsupported(choice, device, dtype, transformed)
+        raise RuntimeError(f"rnnkernels: backend {choice!r} cannot run this input: {why}")
     return _BY_NAME[name]
 
 
 _SELECTED: dict = {}
 
 
-def _selection(choice: str, device_type: str, dtype: torch.dtype) -> tuple[str, str | None]:
+def _selection(choice: str, device_type: str, dtype: torch.dtype, transformed: bool) -> tuple[str, str | None]:
     """(the backend `choice` names, None); "auto" names the first of the device type's order that supports
     dtype. Or (choice, why it cannot run (device_type, dtype)) where the named one cannot."""
     device = torch.device(device_type)
     if check_name(choice) == "auto":
         order = AUTO_ORDER.get(device_type, FALLBACK_ORDER)
-        return next(name for name in order if unsupported(name, device, dtype) is None), None
-    return choice, unsupported(choice, device, dtype)
+        return next(name for name in order if unsupported(name, device, dtype, transformed) is None), None
+    return choice, unsupported(choice, device, dtype, transformed)

@@ -26,29 +26,38 @@ class LayerWeights:
     def __init__(self, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None):
         self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_hr = w_ih, w_hh, b_ih, b_hh, w_hr
 
+    def tensors(self) -> tuple:
+        return self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_hr
+
     def autocast(self, dtype: torch.dtype) -> LayerWeights:
-        return LayerWeights(*autocast_cast((self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_hr), dtype))
+        return LayerWeights(*autocast_cast(self.tensors(), dtype))
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype a layer on `device` runs in under torch.autocast, None outside it.
 
     The rule, for the sequence modules and the cells alike: under torch.autocast for the input's device
-    type, the input, the states and the weights are cast to the autocast dtype where they are float32
-    or float16 (float64 stays, as autocast leaves it), and the layer runs in that dtype with autocast off
+    type, the input, the states and the weights are cast to the autocast dtype where they are floating
+    point but float64 (which autocast leaves as it is), and the layer runs in that dtype with autocast off
     (autocast_off); its outputs come in that dtype, and gradients flow back through the casts to the
     float32 parameters. torch.nn is not consistent here: on the GPU its cuDNN layers run in float16 even
-    where autocast asks for bfloat16, and on the CPU its GRU and cells ignore autocast."""
+    where autocast asks for bfloat16, and on the CPU its GRU and its LSTM and GRU cells ignore autocast."""
     if not torch._C._is_any_autocast_enabled():  # the quick answer a cell's step needs (torch.nn's own check)
         return None
     device_type = device.type
+    if not torch.amp.is_autocast_available(device_type):  # meta tensors, say
+        return None
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-def autocast_cast(tensors, dtype: torch.dtype) -> list:
-    """The tensors (or None) as autocast_dtype's rule casts them to dtype: those autocast deems eligible."""
-    return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-            for t in tensors]
+def autocast_target(dtype: torch.dtype, autocast: torch.dtype | None) -> torch.dtype:
+    """The dtype autocast_dtype's rule gives a tensor of `dtype` where autocast runs in `autocast` (None: off)."""
+    return autocast if autocast is not None and dtype.is_floating_point and dtype != torch.float64 else dtype
+
+
+def autocast_cast(tensors, autocast: torch.dtype) -> list:
+    """The tensors (or None) as autocast_dtype's rule casts them."""
+    return [t if t is None else t.to(autocast_target(t.dtype, autocast)) for t in tensors]
 
 
 _UNCHANGED = contextlib.nullcontext()

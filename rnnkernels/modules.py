@@ -31,11 +31,11 @@ class _Twin:
 
     def _adopt(self, module: nn.Module, backend: str, in_its_place: bool = False) -> None:
         # The parameters stay the same tensors. The containers (parameter and hook dicts, the list of flat
-        # weights) are copies, so that changing one module leaves the other as it was; or, for a twin that
+        # weights, the set of non-persistent buffers) are copies, so that changing one module leaves the other as it was; or, for a twin that
         # takes the module's place in a model (convert), the very same, so that handles of hooks registered
         # before still remove them.
         for name, value in module.__dict__.items():
-            copied = not in_its_place and isinstance(value, (dict, list))
+            copied = not in_its_place and isinstance(value, (dict, list, set))
             self.__dict__[name] = copy.copy(value) if copied else value
         self.backend = backends.check_name(backend)
 
@@ -83,9 +83,9 @@ class _RNNBase(_Twin):
             layers.append(functional.LayerWeights(w_ih, w_hh, b_ih, b_hh, w_hr))
         return layers
 
-    def _zeros(self, batch: int, size: int, like: Tensor) -> Tensor:
+    def _zeros(self, batch: int, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         directions = 2 if self.bidirectional else 1
-        return torch.zeros(self.num_layers * directions, batch, size, dtype=like.dtype, device=like.device)
+        return torch.zeros(self.num_layers * directions, batch, size, dtype=dtype, device=device)
 
     def forward(self, input, hx=None):
         is_lstm = self.mode == "LSTM"
@@ -112,12 +112,17 @@ class _RNNBase(_Twin):
             x = input.transpose(0, 1) if self.batch_first else input
             lengths = None
             check_input, check_sizes = input, None
-        batch = x.size(1)
+        batch, device = x.size(1), x.device
+        autocast = functional.autocast_dtype(device)
         if hx is None:
-            h0 = self._zeros(batch, self.proj_size if self.proj_size > 0 else self.hidden_size, x)
-            hx = (h0, self._zeros(batch, self.hidden_size, x)) if is_lstm else h0
+            dtype = functional.autocast_target(x.dtype, autocast)
+            h0 = self._zeros(batch, self.proj_size if self.proj_size > 0 else self.hidden_size, dtype, device)
+            hx = (h0, self._zeros(batch, self.hidden_size, dtype, device)) if is_lstm else h0
         weights = self._layer_weights()
-        if packed or not self._checks_are_torch_nn or not self._well_formed(x, hx, is_lstm, weights[0].w_ih.dtype):
+        # Under autocast, input in its dtype passes too (the output of a layer before, say), as torch.nn's
+        # checks let it.
+        dtypes = (weights[0].w_ih.dtype, autocast)
+        if packed or not self._checks_are_torch_nn or not self._well_formed(x, hx, is_lstm, dtypes):
             self._update_flat_weights()  # check_input reads the dtype there, as torch.nn's forward refreshes it
             self.check_forward_args(check_input, hx, check_sizes)
         # After the checks, as torch.nn's kernels make these two (where torch.nn has indexed hx's pair,
@@ -127,12 +132,11 @@ class _RNNBase(_Twin):
         if is_lstm and len(hx) != 2:
             raise RuntimeError("lstm expects two hidden states")
         h0, c0 = hx if is_lstm else (hx, None)
-        device = x.device
-        autocast = functional.autocast_dtype(device)
         if autocast is not None:
             x, h0, c0 = functional.autocast_cast((x, h0, c0), autocast)
             weights = [w.autocast(autocast) for w in weights]
-        backend = backends.select(self.backend, device, x.dtype)
+        backend = backends.select(self.backend, device, x.dtype,
+                                  lambda: (x, h0, c0, *(t for w in weights for t in w.tensors())))
         with functional.autocast_off(device, autocast):
             output, h_n, c_n = functional.rnn(
                 self.mode.lower(), x, h0, c0, weights, self.num_layers, self.bidirectional,
@@ -151,16 +155,16 @@ class _RNNBase(_Twin):
             hidden = (h_n.squeeze(1), c_n.squeeze(1)) if is_lstm else h_n.squeeze(1)
         return output, hidden
 
-    def _well_formed(self, x: Tensor, hx, is_lstm: bool, weight_dtype: torch.dtype) -> bool:
+    def _well_formed(self, x: Tensor, hx, is_lstm: bool, dtypes: tuple) -> bool:
         """Whether an unpacked call passes check_forward_args, in one comparison per tensor: torch.nn's
-        checks, with their messages, run only where this fails (or under autocast, which they allow for)."""
+        checks, with their messages, run only where this fails. dtypes: those x may have."""
         layers, batch = self.num_layers * (2 if self.bidirectional else 1), x.shape[1]
         h_shape = (layers, batch, self.proj_size if self.proj_size > 0 else self.hidden_size)
         if is_lstm:
             if not (isinstance(hx, tuple) and len(hx) == 2 and hx[1].shape == (layers, batch, self.hidden_size)):
                 return False
             hx = hx[0]
-        return x.dtype == weight_dtype and x.shape[2] == self.input_size and hx.shape == h_shape
+        return x.dtype in dtypes and x.shape[2] == self.input_size and hx.shape == h_shape
 
 
 def _check_hidden_dims(hx, dims: int, is_lstm: bool) -> None:
@@ -222,8 +226,10 @@ class _CellBase(_Twin):
             input = input.unsqueeze(0)
             states = tuple(state.unsqueeze(0) for state in states)
         device = input.device
+        autocast = functional.autocast_dtype(device)
         if not states:
-            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=device)
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=functional.autocast_target(input.dtype, autocast),
+                                device=device)
             states = (zeros, zeros) if is_lstm else (zeros,)
         try:
             parameters = self._parameters
@@ -231,7 +237,6 @@ class _CellBase(_Twin):
                                       parameters["bias_hh"])
         except KeyError:  # moved out by torch.nn.utils.parametrize, prune or weight_norm: computed on access
             w_ih, w_hh, b_ih, b_hh = self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
-        autocast = functional.autocast_dtype(device)
         if autocast is not None:  # before the checks, which then see what the step gets (as torch.nn's cells)
             input, w_ih, w_hh, b_ih, b_hh, *states = functional.autocast_cast((input, w_ih, w_hh, b_ih, b_hh, *states),
                                                                               autocast)
@@ -241,7 +246,7 @@ class _CellBase(_Twin):
             well_formed = well_formed and state.shape == state_shape and state.dtype == dtype
         if not well_formed:
             self._check(input, states, dtype)
-        backend = backends.select(self.backend, device, dtype)
+        backend = backends.select(self.backend, device, dtype, lambda: (input, *states, w_ih, w_hh, b_ih, b_hh))
         with functional.autocast_off(device, autocast):
             h, c = backend.step(self._cell_name(), input, states[0], states[1] if is_lstm else None, w_ih, w_hh,
                                 b_ih, b_hh, None)

@@ -143,7 +143,7 @@ phase bench_bfloat16 220 bench bfloat16 "$(limit_for 220)"
 phase sanitize_memcheck 100 "${sanitize[@]}" --tool memcheck "$PYTHON" scripts/sanitize_case.py
 phase bench_float32 120 bench float32 "$(limit_for 120)" --word-lm
 # Not the slow tests there: they compile every kernel variant for sm_90 with ptxas, which the GPU does anyway.
-phase tests_triton 60 pytest_gpu tests/test_triton.py tests/test_autocast.py -m "cuda and not slow" -k triton
+phase tests_triton 90 pytest_gpu tests/test_triton.py tests/test_autocast.py -m "cuda and not slow" -k triton
 phase sweep 40 "$PYTHON" scripts/gpu_sweep.py --json "$OUT/sweep.json"
 phase sanitize_racecheck 100 "${sanitize[@]}" --tool racecheck "$PYTHON" scripts/sanitize_case.py
 

@@ -12,9 +12,10 @@ import zlib
 
 import pytest
 import torch
+import torch._dynamo.testing
 
 import cuda_emulation
-from helpers import (CELL_KINDS, assert_results, cell_inputs, cotangent, leaf, rnn_inputs, run, to_dtype,
+from helpers import (CELL_KINDS, assert_meta_equal, assert_results, cell_inputs, cotangent, leaf, rnn_inputs, run, to_dtype,
                      torch_module, twin)
 from rnnkernels import backends, ops
 from rnnkernels.reference import GATES
@@ -61,6 +62,16 @@ def skip_unless_runs(backend: str, device: str, dtype: torch.dtype) -> None:
         pytest.skip(why_not)
 
 
+def in_dtype(m: torch.nn.Module, dtype: torch.dtype, backend: str) -> torch.nn.Module:
+    """A twin of m with its parameters in dtype, each its own fresh tensor as autocast's casts are: not the
+    views into one flat buffer that torch.nn's .to() makes on CUDA, whose offsets could lead cuBLAS or
+    Triton to another kernel (by alignment) and so to other last bits."""
+    copied = copy.deepcopy(m)
+    for parameter in copied.parameters():
+        parameter.data = parameter.data.to(dtype)
+    return twin(copied, backend)
+
+
 def assert_is_the_layer_in(dtype: torch.dtype, under_autocast: dict, in_dtype: dict) -> None:
     """under_autocast: results of a float32 layer under autocast to dtype; in_dtype: of its copy in dtype."""
     assert set(under_autocast) == set(in_dtype)
@@ -82,11 +93,10 @@ def test_layer_under_autocast_is_the_layer_in_that_dtype(kind, case, T, on, dtyp
     device, backend = on
     skip_unless_runs(backend, device, dtype)
     m, ours, x, hx = build_case(kind, case, torch.float32, backend, device=device, T=T)
-    in_dtype = twin(copy.deepcopy(m).to(dtype), backend)
-    expected, expected_meta = run(in_dtype, to_dtype(x, dtype), to_dtype(hx, dtype), seed=5)
+    expected, expected_meta = run(in_dtype(m, dtype, backend), to_dtype(x, dtype), to_dtype(hx, dtype), seed=5)
     got, meta = run(ours, x, hx, seed=5, autocast=dtype)
     assert_is_the_layer_in(dtype, got, expected)
-    assert meta.keys() == expected_meta.keys()
+    assert_meta_equal(meta, expected_meta)
 
 
 @pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
@@ -97,9 +107,9 @@ def test_cell_steps_under_autocast_are_the_cell_in_that_dtype(kind, on, dtype):
     device, backend = on
     skip_unless_runs(backend, device, dtype)
     m = torch_module(kind, device=device, input_size=I, hidden_size=H)
-    ours, in_dtype = twin(m, backend), twin(copy.deepcopy(m).to(dtype), backend)
+    ours, copy_in_dtype = twin(m, backend), in_dtype(m, dtype, backend)
     x, hx = cell_inputs(m, hx=True)
-    expected, _ = run(in_dtype, to_dtype(x, dtype), to_dtype(hx, dtype))
+    expected, _ = run(copy_in_dtype, to_dtype(x, dtype), to_dtype(hx, dtype))
     got, _ = run(ours, x, hx, autocast=dtype)
     assert_is_the_layer_in(dtype, got, expected)
     with torch.no_grad():
@@ -107,7 +117,7 @@ def test_cell_steps_under_autocast_are_the_cell_in_that_dtype(kind, on, dtype):
         for step in range(3):
             with torch.autocast(device, dtype=dtype):
                 state = ours(x, state)
-            state_in_dtype = in_dtype(x.to(dtype), state_in_dtype)
+            state_in_dtype = copy_in_dtype(x.to(dtype), state_in_dtype)
             for a, b in zip(state if isinstance(state, tuple) else (state,),
                             state_in_dtype if isinstance(state_in_dtype, tuple) else (state_in_dtype,)):
                 assert a.dtype == dtype and torch.equal(a, b), f"step {step}"
@@ -116,17 +126,19 @@ def test_cell_steps_under_autocast_are_the_cell_in_that_dtype(kind, on, dtype):
 # Where torch.nn runs a layer in the autocast dtype itself: on the CPU its oneDNN LSTM and its RNN and
 # RNNCell under bfloat16 (its GRU and other cells stay in float32 there); on the GPU every layer through
 # cuDNN under float16 (cuDNN layers take float16 under bfloat16 autocast too) and the cells under either.
-TORCH_AUTOCASTS = ([("cpu", torch.bfloat16, kind) for kind in ("LSTM", "RNN_tanh", "RNN_relu", "RNNCell_tanh",
-                                                               "RNNCell_relu")] +
-                   [pytest.param("cuda", torch.float16, kind, marks=pytest.mark.cuda)
-                    for kind in ("LSTM", "GRU", "RNN_tanh", "LSTMCell", "GRUCell", "RNNCell_relu")] +
-                   [pytest.param("cuda", torch.bfloat16, kind, marks=pytest.mark.cuda) for kind in CELL_KINDS])
+# ReLU cells on the GPU are left out at this size: where a pre-activation lies within rounding of zero,
+# the two sums of the projections (ours fused) fall on either side of the kink (tests/test_cuda.py).
+TORCH_AUTOCASTS = [
+    *(("cpu", torch.bfloat16, kind) for kind in ("LSTM", "RNN_tanh", "RNN_relu", "RNNCell_tanh", "RNNCell_relu")),
+    *(("cuda", torch.float16, kind) for kind in ("LSTM", "GRU", "RNN_tanh", "LSTMCell", "GRUCell", "RNNCell_tanh")),
+    *(("cuda", torch.bfloat16, kind) for kind in ("LSTMCell", "GRUCell", "RNNCell_tanh")),
+]
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
-@pytest.mark.parametrize("device,dtype,kind", TORCH_AUTOCASTS,
-                         ids=[f"{p[0]}-{p[1]}-{p[2]}" if isinstance(p, tuple) else f"{p.values[0]}-{p.values[1]}-"
-                              f"{p.values[2]}" for p in TORCH_AUTOCASTS])
+@pytest.mark.parametrize("device,dtype,kind", [
+    pytest.param(device, dtype, kind, id=f"{device}-{str(dtype)[6:]}-{kind}",
+                 marks=[pytest.mark.cuda] if device == "cuda" else []) for device, dtype, kind in TORCH_AUTOCASTS])
 def test_matches_torch_nn_under_autocast(device, dtype, kind, backend):
     is_cell = kind in CELL_KINDS
     m = torch_module(kind, device=device, input_size=I, hidden_size=H,
@@ -138,6 +150,8 @@ def test_matches_torch_nn_under_autocast(device, dtype, kind, backend):
         pytest.skip(f"this torch runs {kind} in {state.dtype} under autocast to {dtype}")
     ours, _ = run(twin(m, backend), x, hx, autocast=dtype)
     reference, _ = run(copy.deepcopy(m).double(), to_dtype(x, torch.float64), to_dtype(hx, torch.float64))
+    for name, value in theirs.items():
+        assert ours[name].dtype == value.dtype, name
     # Gradients of float32 leaves through a cast hold values of dtype: compared in it.
     lowered = lambda results: {name: t.to(dtype) for name, t in results.items()}  # noqa: E731
     assert_results(lowered(ours), lowered(theirs), reference, dtype)
@@ -228,9 +242,32 @@ def test_float64_layer_ignores_autocast(backend):
         assert got[name].dtype == torch.float64 and torch.equal(got[name], value), name
 
 
+def test_meta_layer_under_autocast():
+    """Meta tensors, for which autocast has no rule, run as outside it (as torch.nn's do)."""
+    m = torch_module("LSTM", input_size=I, hidden_size=H).to("meta")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output, (h, c) = twin(m)(torch.randn(5, 4, I, device="meta"))
+    assert output.device.type == "meta" and output.dtype == torch.float32 and output.shape == (5, 4, H)
+
+
+def test_compiled_layer_compiles_once_per_autocast_state():
+    """Each autocast state is one compiled frame, reused: the backend choice made while compiling leaves no
+    cache write behind that would fail the frame's own guards."""
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    m = torch_module("GRU", input_size=I, hidden_size=H)
+    ours = twin(m, "cpu")
+    compiled = torch.compile(ours, backend=counter, fullgraph=True)
+    x, _ = rnn_inputs(m)
+    for autocast in (torch.bfloat16, None, torch.bfloat16, None, torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast is not None):
+            assert compiled(x)[0].dtype == (autocast or torch.float32)
+    assert counter.frame_count == 2
+
+
 @pytest.mark.slow
 def test_compiled_layer_under_autocast():
-    """torch.compile traces the autocast rule in one graph, and recompiles where autocast changes."""
+    """torch.compile traces the autocast rule in one graph, inside autocast and outside it alike."""
     torch._dynamo.reset()
     m = torch_module("LSTM", input_size=I, hidden_size=H, num_layers=2, proj_size=3)
     eager, compiled = twin(m, "cpu"), twin(m, "cpu")

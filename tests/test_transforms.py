@@ -4,6 +4,8 @@ explicitly named compiled backend says why it cannot instead of answering zero t
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -84,3 +86,28 @@ def test_a_named_compiled_backend_under_transforms_says_why():
     x, _ = rnn_inputs(m)
     with pytest.raises(RuntimeError, match="backend 'cpu' cannot run this input: torch.func transforms"):
         jvp(lambda xx: ours(xx)[0], (x,), (torch.ones_like(x),))
+
+
+def test_a_dual_level_elsewhere_leaves_other_layers_compiled():
+    """forward-mode AD's dual level is the process's: a layer none of whose tensors has a tangent, in this
+    thread or another, stays on its compiled backend (and one named so does not raise)."""
+    m = torch_module("GRU", input_size=4, hidden_size=5)
+    ours, x = twin(m, "cpu"), rnn_inputs(m)[0]
+    entered, done = threading.Event(), threading.Event()
+
+    def hold_a_dual_level():
+        with forward_ad.dual_level():
+            entered.set()
+            done.wait(30)
+
+    holder = threading.Thread(target=hold_a_dual_level)
+    holder.start()
+    try:
+        entered.wait(30)
+        assert backends.select("auto", torch.device("cpu"), torch.float32).name == "cpu"
+        torch.testing.assert_close(ours(x)[0], m(x)[0], atol=1e-5, rtol=1e-5)
+    finally:
+        done.set()
+        holder.join()
+    with forward_ad.dual_level():
+        torch.testing.assert_close(ours(x)[0], m(x)[0], atol=1e-5, rtol=1e-5)

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import ops
+from .. import functional, ops
 from ..reference import GATES
 from . import launch
 
@@ -29,11 +29,8 @@ def _launching(t: Tensor):
     """Where a launcher runs: on t's CUDA device, as Triton launches on the current one; and with autocast
     off, so that its own torch calls (the weight gradients' matmuls) keep the dtype they are given, as
     the compiled operators do (csrc/ops.cpp)."""
-    with contextlib.ExitStack() as stack:
-        if t.device.type == "cuda":
-            stack.enter_context(torch.cuda.device(t.device))
-        if torch._C._is_any_autocast_enabled():
-            stack.enter_context(torch.autocast(t.device.type, enabled=False))
+    on_device = torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    with on_device, functional.autocast_off(t.device, functional.autocast_dtype(t.device)):
         yield
 
 
