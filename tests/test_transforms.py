@@ -75,8 +75,10 @@ def test_the_rule_under_transforms():
     chosen = []
     grad(lambda x: (chosen.append(backends.select("auto", cpu, f64).name), x.sum())[1])(torch.ones(2, dtype=f64))
     with forward_ad.dual_level():
-        chosen.append(backends.select("auto", cpu, f64).name)
-    assert chosen == ["reference", "reference"]
+        dual = forward_ad.make_dual(torch.ones(2, dtype=f64), torch.ones(2, dtype=f64))
+        chosen.append(backends.select("auto", cpu, f64, lambda: (None, dual)).name)
+        chosen.append(backends.select("auto", cpu, f64, lambda: (torch.ones(2, dtype=f64),)).name)
+    assert chosen == ["reference", "reference", "cpu"]  # the last: a dual level, but no tangent
     assert backends.select("auto", cpu, f64).name == "cpu"  # outside them, the cached answer is not theirs
 
 
