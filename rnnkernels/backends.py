@@ -170,7 +170,8 @@ def use_backend(name: str):
         _override.name = previous
 
 
-def select(requested: str, device: torch.device, dtype: torch.dtype, tensors: Callable[[], Iterable] = lambda: ()) -> Backend:
+def select(requested: str, device: torch.device, dtype: torch.dtype,
+           tensors: Callable[[], Iterable] = lambda: ()) -> Backend:
     """The backend that runs a layer whose module asked for `requested`, on (device, dtype); tensors(): the
     layer's input, states and weights, looked at under forward-mode AD only."""
     override = _override.name

@@ -20,11 +20,13 @@ def _convert(module: nn.Module, backend: str, done: dict[int, nn.Module]) -> nn.
     if id(module) in done:
         return done[id(module)]
     twin = TWINS.get(type(module))
-    done[id(module)] = module if twin is None else twin.from_torch(module, backend, in_its_place=True)
-    if twin is None:
-        # _modules, not named_children(), which names a module only the first time it meets it.
-        for name, child in list(module._modules.items()):
-            converted = child if child is None else _convert(child, backend, done)
-            if converted is not child:
-                setattr(module, name, converted)
-    return done[id(module)]
+    if twin is not None:
+        done[id(module)] = twin.from_torch(module, backend, in_its_place=True)
+        return done[id(module)]
+    done[id(module)] = module
+    # _modules, not named_children(), which names a module only the first time it meets it.
+    for name, child in list(module._modules.items()):
+        converted = child if child is None else _convert(child, backend, done)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module

@@ -31,9 +31,9 @@ class _Twin:
 
     def _adopt(self, module: nn.Module, backend: str, in_its_place: bool = False) -> None:
         # The parameters stay the same tensors. The containers (parameter and hook dicts, the list of flat
-        # weights, the set of non-persistent buffers) are copies, so that changing one module leaves the other as it was; or, for a twin that
-        # takes the module's place in a model (convert), the very same, so that handles of hooks registered
-        # before still remove them.
+        # weights, the set of non-persistent buffers) are copies, so that changing one module leaves the
+        # other as it was; or, for a twin that takes the module's place in a model (convert), the very
+        # same, so that handles of hooks registered before still remove them.
         for name, value in module.__dict__.items():
             copied = not in_its_place and isinstance(value, (dict, list, set))
             self.__dict__[name] = copy.copy(value) if copied else value
@@ -228,8 +228,8 @@ class _CellBase(_Twin):
         device = input.device
         autocast = functional.autocast_dtype(device)
         if not states:
-            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=functional.autocast_target(input.dtype, autocast),
-                                device=device)
+            dtype = functional.autocast_target(input.dtype, autocast)
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=dtype, device=device)
             states = (zeros, zeros) if is_lstm else (zeros,)
         try:
             parameters = self._parameters

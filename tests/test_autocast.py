@@ -15,8 +15,8 @@ import torch
 import torch._dynamo.testing
 
 import cuda_emulation
-from helpers import (CELL_KINDS, assert_meta_equal, assert_results, cell_inputs, cotangent, leaf, rnn_inputs, run, to_dtype,
-                     torch_module, twin)
+from helpers import (CELL_KINDS, assert_meta_equal, assert_results, cell_inputs, cotangent, leaf, rnn_inputs, run,
+                     to_dtype, torch_module, twin)
 from rnnkernels import backends, ops
 from rnnkernels.reference import GATES
 from test_modules import I, H, build_case
@@ -60,6 +60,15 @@ def skip_unless_runs(backend: str, device: str, dtype: torch.dtype) -> None:
     why_not = backends.unsupported(backend, torch.device(device), dtype)
     if why_not is not None:
         pytest.skip(why_not)
+
+
+def module_with_inputs(kind: str, device: str):
+    """A float32 torch.nn module of `kind` (two bidirectional layers for a sequence kind), input and state."""
+    is_cell = kind in CELL_KINDS
+    m = torch_module(kind, device=device, input_size=I, hidden_size=H,
+                     **({} if is_cell else dict(num_layers=2, bidirectional=True)))
+    x, hx = cell_inputs(m, hx=True) if is_cell else rnn_inputs(m, hx=True)
+    return m, x, hx
 
 
 def in_dtype(m: torch.nn.Module, dtype: torch.dtype, backend: str) -> torch.nn.Module:
@@ -141,9 +150,7 @@ TORCH_AUTOCASTS = [
                  marks=[pytest.mark.cuda] if device == "cuda" else []) for device, dtype, kind in TORCH_AUTOCASTS])
 def test_matches_torch_nn_under_autocast(device, dtype, kind, backend):
     is_cell = kind in CELL_KINDS
-    m = torch_module(kind, device=device, input_size=I, hidden_size=H,
-                     **({} if is_cell else dict(num_layers=2, bidirectional=True)))
-    x, hx = cell_inputs(m, hx=True) if is_cell else rnn_inputs(m, hx=True)
+    m, x, hx = module_with_inputs(kind, device)
     theirs, _ = run(m, x, hx, autocast=dtype)
     state = theirs["h" if is_cell else "output"]
     if state.dtype != dtype:
@@ -167,7 +174,8 @@ def operator_calls(cell: str, prefix: str, device: str) -> dict:
     def rand(*shape):
         return torch.randn(*shape, generator=g).to(device)
 
-    gx, h0, w_hh, b_hh, x, w_ih = rand(T, B, G * Hd), rand(B, Hd), rand(G * Hd, Hd), rand(G * Hd), rand(B, In), rand(G * Hd, In)
+    gx, h0, w_hh, b_hh = rand(T, B, G * Hd), rand(B, Hd), rand(G * Hd, Hd), rand(G * Hd)
+    x, w_ih = rand(B, In), rand(G * Hd, In)
     c0 = rand(B, Hd) if cell == "lstm" else None
     forward = ops.forward_op(cell, prefix)
     output, _, _, workspace = forward(gx, h0, c0, w_hh, b_hh, None, None, False, True)
@@ -210,11 +218,8 @@ def test_backward_inside_an_autocast_region(kind, on):
     which autocast reaches as it does anywhere; the triton operators' own backward is checked above.)"""
     device, backend = on
     skip_unless_runs(backend, device, torch.float32)
-    is_cell = kind in CELL_KINDS
-    m = torch_module(kind, device=device, input_size=I, hidden_size=H,
-                     **({} if is_cell else dict(num_layers=2, bidirectional=True)))
+    m, x, hx = module_with_inputs(kind, device)
     ours = twin(m, backend)
-    x, hx = cell_inputs(m, hx=True) if is_cell else rnn_inputs(m, hx=True)
     gradients = []
     for region in (False, True):
         ours.zero_grad(set_to_none=True)

@@ -65,7 +65,7 @@ def test_vmap_matches_a_loop(kind):
     """vmap over unbatched samples, against torch.nn one sample at a time (torch.nn's sequence modules have
     no batching rule of their own)."""
     m, ours, _, _ = pair(kind)
-    samples = torch.randn(3, 2, 4, dtype=torch.float64) if kind in CELL_KINDS else torch.randn(3, 5, 4, dtype=torch.float64)
+    samples = torch.randn(3, 2 if kind in CELL_KINDS else 5, 4, dtype=torch.float64)
     expected = torch.stack([first(m(sample)) for sample in samples])
     torch.testing.assert_close(vmap(lambda sample: first(ours(sample)))(samples), expected, atol=1e-12, rtol=1e-12)
 
