@@ -1,5 +1,6 @@
 // The rnnkernels operators: their schemas (the only place they are written) and the device
 // implementations. Fake implementations and autograd live in rnnkernels/ops.py.
+#include <ATen/autocast_mode.h>
 #include <Python.h>
 #include <torch/library.h>
 
@@ -64,11 +65,27 @@ void register_without_autocast(torch::Library& m) {
   }
 }
 
+// autocast's cast of each tensor (see rnnkernels/functional.py, autocast_cast), through autocast's own cache
+// as torch's operators cast: a float32 parameter is cast once per autocast region, not once per call
+// (in generation, once per token). Python has no other way to that cache.
+std::vector<at::Tensor> autocast_cast(at::TensorList tensors, at::ScalarType dtype) {
+  std::vector<at::Tensor> cast;
+  cast.reserve(tensors.size());
+  for (const at::Tensor& tensor : tensors) {
+    cast.push_back(at::autocast::cached_cast(dtype, tensor, tensor.device().type()));
+  }
+  return cast;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rnnkernels, m) {
   for (const auto& [name, args] : schemas()) m.def((name + args).c_str());
+  m.def("autocast_cast(Tensor[] tensors, ScalarType dtype) -> Tensor[]");
 }
+
+// Above autograd, which records the casts themselves, as it records autocast's.
+TORCH_LIBRARY_IMPL(rnnkernels, CompositeImplicitAutograd, m) { m.impl("autocast_cast", &autocast_cast); }
 
 TORCH_LIBRARY_IMPL(rnnkernels, AutocastCPU, m) { register_without_autocast(m); }
 TORCH_LIBRARY_IMPL(rnnkernels, AutocastCUDA, m) { register_without_autocast(m); }

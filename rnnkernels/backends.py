@@ -9,7 +9,8 @@ choice comes, from the strongest to the weakest: the ``rnnkernels.use_backend(..
 variable (the process default where a module says "auto"). An explicit choice that cannot run the case
 raises a ``RuntimeError`` carrying the reason. Under torch.func's transforms (grad, jvp, vmap, ...) and
 forward-mode AD only the reference backend runs: they see through plain torch operations, not through
-custom operators.
+custom operators. So it does for an LSTM cell whose cell state has another dtype than its weights, which
+torch.nn's LSTMCell type-promotes and the compiled steps do not.
 """
 
 from __future__ import annotations
@@ -150,11 +151,12 @@ def _transformed(tensors: Callable[[], Iterable]) -> bool:
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors())
 
 
-def unsupported(name: str, device: torch.device, dtype: torch.dtype, transformed: bool = False) -> str | None:
-    """None if backend `name` can run a recurrence on (device, dtype), under torch.func's transforms or on
-    forward-mode AD's tangents where `transformed`, else why not."""
-    if transformed and name != "reference":
-        return _TRANSFORMED
+def unsupported(name: str, device: torch.device, dtype: torch.dtype,
+                reference_only: str | None = None) -> str | None:
+    """None if backend `name` can run a recurrence on (device, dtype), else why not. reference_only: why the
+    case is one for the reference backend alone, or None."""
+    if reference_only is not None and name != "reference":
+        return reference_only
     return _BY_NAME[check_name(name)].unsupported(device, dtype)
 
 
@@ -171,9 +173,10 @@ def use_backend(name: str):
 
 
 def select(requested: str, device: torch.device, dtype: torch.dtype,
-           tensors: Callable[[], Iterable] = lambda: ()) -> Backend:
+           tensors: Callable[[], Iterable] = lambda: (), reference_only: str | None = None) -> Backend:
     """The backend that runs a layer whose module asked for `requested`, on (device, dtype); tensors(): the
-    layer's input, states and weights, looked at under forward-mode AD only."""
+    layer's input, states and weights, looked at under forward-mode AD only. reference_only: why the layer's
+    case is one for the reference backend alone (as under torch.func's transforms), or None."""
     override = _override.name
     if override is not None and override != "auto":
         choice = override
@@ -185,16 +188,17 @@ def select(requested: str, device: torch.device, dtype: torch.dtype,
     # fixed once the extension is loaded (its load error is in the key, so that a changed state is seen).
     # A plain dict, which torch.compile traces without the warning an lru_cache draws; but not written
     # while compiling, where the write would fail the guard of the frame it is compiled into.
-    transformed = _transformed(tensors)
-    key = (choice, device.type, dtype, ops.LOAD_ERROR, transformed)
+    if reference_only is None and _transformed(tensors):
+        reference_only = _TRANSFORMED
+    key = (choice, device.type, dtype, ops.LOAD_ERROR, reference_only)
     selected = _SELECTED.get(key)
     if selected is None:
-        selected = _selection(choice, key[1], dtype, transformed)
+        selected = _selection(choice, key[1], dtype, reference_only)
         if not torch.compiler.is_compiling():
             _SELECTED[key] = selected
     name, reason = selected
     if reason is not None:  # in words again, for this very device (the cached reason names its type only)
-        why = unsupported(choice, device, dtype, transformed)
+        why = unsupported(choice, device, dtype, reference_only)
         raise RuntimeError(f"rnnkernels: backend {choice!r} cannot run this input: {why}")
     return _BY_NAME[name]
 
@@ -202,11 +206,12 @@ def select(requested: str, device: torch.device, dtype: torch.dtype,
 _SELECTED: dict = {}
 
 
-def _selection(choice: str, device_type: str, dtype: torch.dtype, transformed: bool) -> tuple[str, str | None]:
+def _selection(choice: str, device_type: str, dtype: torch.dtype,
+               reference_only: str | None) -> tuple[str, str | None]:
     """(the backend `choice` names, None); "auto" names the first of the device type's order that supports
     dtype. Or (choice, why it cannot run (device_type, dtype)) where the named one cannot."""
     device = torch.device(device_type)
     if check_name(choice) == "auto":
         order = AUTO_ORDER.get(device_type, FALLBACK_ORDER)
-        return next(name for name in order if unsupported(name, device, dtype, transformed) is None), None
-    return choice, unsupported(choice, device, dtype, transformed)
+        return next(name for name in order if unsupported(name, device, dtype, reference_only) is None), None
+    return choice, unsupported(choice, device, dtype, reference_only)

@@ -56,8 +56,13 @@ def autocast_target(dtype: torch.dtype, autocast: torch.dtype | None) -> torch.d
 
 
 def autocast_cast(tensors, autocast: torch.dtype) -> list:
-    """The tensors (or None) as autocast_dtype's rule casts them."""
-    return [t if t is None else t.to(autocast_target(t.dtype, autocast)) for t in tensors]
+    """The tensors (or None) as autocast_dtype's rule casts them. Where the extension is loaded, the casts
+    go through autocast's cache, as torch.nn's do: a float32 parameter is cast once per autocast region
+    (torch.compile traces the casts instead, into its graph)."""
+    if ops.LOAD_ERROR is not None or torch.compiler.is_compiling():
+        return [t if t is None else t.to(autocast_target(t.dtype, autocast)) for t in tensors]
+    cast = iter(torch.ops.rnnkernels.autocast_cast([t for t in tensors if t is not None], autocast))
+    return [t if t is None else next(cast) for t in tensors]
 
 
 _UNCHANGED = contextlib.nullcontext()

@@ -246,7 +246,9 @@ class _CellBase(_Twin):
             well_formed = well_formed and state.shape == state_shape and state.dtype == dtype
         if not well_formed:
             self._check(input, states, dtype)
-        backend = backends.select(self.backend, device, dtype, lambda: (input, *states, w_ih, w_hh, b_ih, b_hh))
+        promoted = _PROMOTED_CELL_STATE if is_lstm and states[1].dtype != dtype else None
+        backend = backends.select(self.backend, device, dtype, lambda: (input, *states, w_ih, w_hh, b_ih, b_hh),
+                                  reference_only=promoted)
         with functional.autocast_off(device, autocast):
             h, c = backend.step(self._cell_name(), input, states[0], states[1] if is_lstm else None, w_ih, w_hh,
                                 b_ih, b_hh, None)
@@ -283,8 +285,14 @@ class _CellBase(_Twin):
                 raise RuntimeError(
                     f"hidden{index} has inconsistent hidden_size: got {state.size(1)}, expected {self.hidden_size}"
                 )
-            if state.dtype != input.dtype:
+            if state.dtype != input.dtype and not (index == 1 and self._cell == "lstm"):  # promoted, as torch.nn's
                 raise RuntimeError(f"expected hidden{index} of dtype {input.dtype}, got {state.dtype}")
+
+
+# torch.nn's LSTM cell type-promotes a cell state in another dtype than its weights: its c' and h' come in the
+# promoted dtype. The compiled steps take one dtype; the reference backend's torch operations promote as torch.nn's.
+_PROMOTED_CELL_STATE = ("the LSTM cell state's dtype differs from the weights', which torch.nn type-promotes; "
+                        "the reference backend runs there")
 
 
 class RNNCell(_CellBase, nn.RNNCell):

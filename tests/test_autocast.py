@@ -13,6 +13,7 @@ import zlib
 import pytest
 import torch
 import torch._dynamo.testing
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import cuda_emulation
 from helpers import (CELL_KINDS, assert_meta_equal, assert_results, cell_inputs, cotangent, leaf, rnn_inputs, run,
@@ -232,6 +233,50 @@ def test_backward_inside_an_autocast_region(kind, on):
         gradients.append([xi.grad] + [p.grad for p in ours.parameters()])
     for index, (a, b) in enumerate(zip(*gradients, strict=True)):
         assert b.dtype == torch.float32 and torch.equal(a, b), f"gradient {index}"
+
+
+class CastCounter(TorchDispatchMode):
+    """Counts the casts (aten._to_copy) of each of `tensors`, by data pointer."""
+
+    def __init__(self, tensors):
+        super().__init__()
+        self.casts = {t.data_ptr(): 0 for t in tensors}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.casts:
+            self.casts[args[0].data_ptr()] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("on", on_devices(("cpu", "reference", "cuda")), indirect=True)
+@pytest.mark.parametrize("kind", ["LSTM", "GRUCell"])
+def test_parameters_are_cast_once_per_autocast_region(kind, on):
+    """As torch.nn's layers are: each float32 parameter is cast once per autocast region, through autocast's
+    cache, however often the layer runs there (in generation, once and not once per token), and again in a
+    new region; the gradients through a cached cast are those through a fresh one (cache_enabled=False). (Of
+    two calls' outputs they would differ in rounding, as torch.nn's do: the cached cast sums their gradients
+    in the autocast dtype, the fresh casts in float32.)"""
+    device, backend = on
+    skip_unless_runs(backend, device, torch.bfloat16)
+    m, x, hx = module_with_inputs(kind, device)
+    ours = twin(m, backend)
+    parameters = list(ours.parameters())
+    casts, gradients = [], []
+    for cache_enabled in (True, False):
+        ours.zero_grad(set_to_none=True)
+        counter = CastCounter(parameters)
+        with counter:
+            for region in range(2):
+                with torch.autocast(device, dtype=torch.bfloat16, cache_enabled=cache_enabled):
+                    ours(x, hx)
+                    second = ours(x, hx)
+                (second[0] if isinstance(second, tuple) else second).float().sum().backward()
+        casts.append(counter.casts)
+        gradients.append([p.grad for p in parameters])
+    assert set(casts[0].values()) == {2}, "cached: one cast per parameter per region"
+    assert set(casts[1].values()) == {4}, "uncached: one cast per parameter per call"
+    for index, (a, b) in enumerate(zip(*gradients, strict=True)):
+        assert a.dtype == torch.float32 and torch.equal(a, b), f"gradient {index}"
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])

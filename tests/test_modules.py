@@ -308,6 +308,25 @@ def test_cell_no_bias(kind, backend, dtype):
     check_twin(m, t, x, h)
 
 
+@pytest.mark.parametrize("c_dtype", [torch.float64, torch.bfloat16], ids=["f64", "bf16"])
+@pytest.mark.parametrize("unbatched", [False, True], ids=["batched", "unbatched"])
+def test_lstm_cell_promotes_a_cell_state_of_another_dtype(c_dtype, unbatched):
+    """torch.nn's LSTMCell type-promotes a cell state in another dtype than its float32 weights (h' and c' in
+    the promoted dtype, float64 or float32 here), and so does ours, on the reference backend; a compiled
+    backend named explicitly says that it cannot."""
+    m = torch_module("LSTMCell", input_size=I, hidden_size=H)
+    x, (h, c) = cell_inputs(m, hx=True, unbatched=unbatched)
+    hx = (h, c.to(c_dtype))
+    ours, _ = run(twin(m), x, hx)
+    theirs, _ = run(m, x, hx)
+    assert set(ours) == set(theirs)
+    for name, value in theirs.items():
+        assert ours[name].dtype == value.dtype, name
+        torch.testing.assert_close(ours[name], value, atol=1e-6, rtol=1e-6, msg=lambda text: f"{name}: {text}")
+    with pytest.raises(RuntimeError, match="type-promotes"):
+        twin(m, "cpu")(x, hx)
+
+
 @pytest.mark.parametrize("kind", list(CELL_KINDS))
 def test_cell_with_parametrized_and_pruned_weights(kind):
     """Weights that torch.nn.utils.parametrize and prune move out of _parameters are read as torch.nn reads
