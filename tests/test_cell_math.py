@@ -96,6 +96,30 @@ def test_compiled_ops_vs_reference(cell, projected, scale, dtype):
         assert_results(ours, baseline, exact, dtype)
 
 
+def onednn_takes(dtype: torch.dtype) -> bool:
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), 16)
+    except (AttributeError, RuntimeError):  # a torch without oneDNN's operators, or a CPU without the dtype
+        return False
+    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("cell,projected", CASES, ids=["lstm", "lstm_w_hr", "gru", "rnn_tanh", "rnn_relu"])
+def test_reduced_precision_ops_vs_reference_at_size(cell, projected, dtype):
+    """16-bit recurrences large enough for the paths small ones skip: each step's product through oneDNN
+    where this CPU's oneDNN takes the dtype (32 rows x 192 units: over a million multiply-adds), and
+    weight gradients summed over more than 256 rows (12 x 32) in one product."""
+    args = make_args(cell, projected, 3.0, T=12, B=32, H=192, P=48, lengths=None, reverse=False, seed=11)
+    with torch.profiler.profile() as profile:
+        ours = run_op(ops.recurrence, cell, args, dtype)
+    if onednn_takes(dtype):
+        assert "mkldnn::_linear_pointwise" in {event.name for event in profile.events()}
+    baseline = run_op(reference.recurrence, cell, args, dtype)
+    exact = run_op(reference.recurrence, cell, args, torch.float64)
+    assert_results(ours, baseline, exact, dtype)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
 def test_float64_ops_match_reference_tightly(cell):
     args = make_args(cell, False, 50.0, T=6, B=4, H=9, P=3, lengths=[6, 2, 0, 5], reverse=True, seed=3)

@@ -4,8 +4,9 @@
 // arithmetic type, so that the gate math of cell_math.h, written once for a scalar, runs on a register of
 // units at once with its exp and tanh vectorised by hand (the compiler's vectorisation of the scalar code
 // took twice the time: its clamps, rounding and blends became compares, blends and integer conversions;
-// without AVX-512 it did not vectorise at all, and the gate math took 45% of an LSTM forward). Otherwise
-// one unit at a time, in at::opmath_type.
+// without AVX-512 it did not vectorise at all, and the gate math took 45% of an LSTM forward); bfloat16
+// and float16 load into and store from the same registers. Otherwise one unit at a time, in
+// at::opmath_type.
 //
 // Assumes: loads and stores of `count` < width units are masked, so the rows need no padding.
 #pragma once
@@ -265,6 +266,32 @@ struct Lanes<float> {
     count >= width ? R::store(p, v.v) : R::store_masked(p, R::first(count), v.v);
   }
 };
+
+// bfloat16 and float16 rows: the same float32 registers, converted unit by unit on the way in (exactly)
+// and out (rounded to nearest even, as the scalar path's conversion), through a float buffer; the loops
+// vectorise, and the gate math, several times the conversions' cost, runs on whole registers.
+template <typename scalar_t>
+struct ConvertedLanes {
+  using type = FloatLanes;
+  static constexpr int64_t width = FloatRegister::width;
+  static type load(const scalar_t* p, int64_t count) {
+    alignas(64) float units[width];
+    const int64_t n = std::min(count, width);
+    for (int64_t i = 0; i < n; ++i) units[i] = static_cast<float>(p[i]);
+    return Lanes<float>::load(units, n);
+  }
+  static void store(scalar_t* p, type v, int64_t count) {
+    alignas(64) float units[width];
+    Lanes<float>::store(units, v, width);
+    const int64_t n = std::min(count, width);
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(units[i]);
+  }
+};
+
+template <>
+struct Lanes<c10::BFloat16> : ConvertedLanes<c10::BFloat16> {};
+template <>
+struct Lanes<c10::Half> : ConvertedLanes<c10::Half> {};
 #endif
 
 }  // namespace rnnkernels

@@ -36,20 +36,39 @@ std::optional<c10::OperatorHandle> find_op(const char* name, size_t arguments) {
   return op;
 }
 
-// Whether x w^T on `rows` rows goes to oneDNN: float32 and not tiny (below about a million
-// multiply-adds, as in generation at batch 1, oneDNN's fixed cost per call loses to MKL).
-bool use_onednn(const Tensor& w, int64_t rows) {
-  static const bool available = find_op("mkldnn::_linear_pointwise", 6).has_value() &&
-                                find_op("mkldnn::_reorder_linear_weight", 2).has_value();
-  return available && w.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn() &&
-         rows * w.numel() >= (int64_t{1} << 20);
-}
-
 Tensor onednn_reorder(const Tensor& w, int64_t rows) {
   static const c10::OperatorHandle op = *find_op("mkldnn::_reorder_linear_weight", 2);
   torch::jit::Stack stack{w.contiguous(), c10::IValue(rows)};
   op.callBoxed(&stack);
   return stack[0].toTensor();
+}
+
+// Whether oneDNN's GEMM takes bfloat16 or float16 on this CPU: its reorder refuses where the CPU lacks
+// the instructions it wants for them (float16 wants AVX512-FP16 or AVX-NE-CONVERT). Asked once per dtype.
+bool onednn_takes(at::ScalarType dtype) {
+  const auto accepts = [](at::ScalarType type) {
+    try {
+      onednn_reorder(at::zeros({16, 16}, at::TensorOptions().dtype(type)), 16);
+      return true;
+    } catch (const c10::Error&) {
+      return false;
+    }
+  };
+  static const bool bfloat16 = accepts(at::kBFloat16), float16 = accepts(at::kHalf);
+  return dtype == at::kBFloat16 ? bfloat16 : dtype == at::kHalf && float16;
+}
+
+// Whether x w^T on `rows` rows goes to oneDNN: not tiny (below about a million multiply-adds, as in
+// generation at batch 1, oneDNN's fixed cost per call loses to MKL), and float32; or, for the per-step
+// products of a recurrence (per_step), bfloat16 and float16 where oneDNN takes them: its reordered weight
+// halves at::addmm's time there (timemachine's 32 x 256 x 1024 step in bfloat16: 64 against 126 us).
+// Their one-shot products stay with at::addmm, which rounds once where product()'s slices would each round.
+bool use_onednn(const Tensor& w, int64_t rows, bool per_step = false) {
+  static const bool available = find_op("mkldnn::_linear_pointwise", 6).has_value() &&
+                                find_op("mkldnn::_reorder_linear_weight", 2).has_value();
+  if (!available || !at::globalContext().userEnabledMkldnn() || rows * w.numel() < (int64_t{1} << 20)) return false;
+  const at::ScalarType dtype = w.scalar_type();
+  return dtype == at::kFloat || (per_step && onednn_takes(dtype));
 }
 
 // x w^T (+ b) through oneDNN; x and w contiguous or transposes of contiguous matrices (any other
@@ -124,11 +143,13 @@ bool is_transposed(const Tensor& m) {
 // A^T B, a sum over the rows of A and B: the whole-sequence weight gradients, over T*B rows that
 // torch.nn adds up step by step. Sums over chunks of kChunk rows, then added, keep the error at
 // torch.nn's (sum_over_input_slices). The float32 panel kernels sum in chunks anyway; elsewhere the GEMM
-// is sliced, and since oneDNN copies a transposed x, x's role goes to the smaller operand.
+// is sliced, and since oneDNN copies a transposed x, x's role goes to the smaller operand. Not in bfloat16
+// or float16: their GEMMs sum in float32 and round once, which a slice would do each time.
 Tensor linear_once(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b_in) {
   const std::optional<Tensor> b = contiguous(b_in);
   const int64_t K = w.size(1);
-  if (!is_transposed(x) || !is_transposed(w) || K <= kChunk) return product(x, w, b);
+  const bool reduced_precision = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  if (!is_transposed(x) || !is_transposed(w) || K <= kChunk || reduced_precision) return product(x, w, b);
   if (kPanelGemm && x.scalar_type() == at::kFloat && !b.has_value()) return panel_matmul_tn(x.t(), w.t());
   const bool swap = !b.has_value() && w.size(0) < x.size(0);
   const Tensor y = swap ? sum_over_input_slices(w, x, b, product) : sum_over_input_slices(x, w, b, product);
@@ -142,7 +163,7 @@ Tensor linear_once(const Tensor& x, const Tensor& w, const std::optional<Tensor>
 class StepLinear {
  public:
   StepLinear(const Tensor& w, const std::optional<Tensor>& b, int64_t rows, int64_t steps)
-      : w_(w.contiguous()), b_(contiguous(b)), onednn_(use_onednn(w, rows)) {
+      : w_(w.contiguous()), b_(contiguous(b)), onednn_(use_onednn(w, rows, /*per_step=*/true)) {
     constexpr int64_t kReorderFromSteps = 8;
     if (onednn_ && steps >= kReorderFromSteps) w_ = onednn_reorder(w_, rows);
   }
