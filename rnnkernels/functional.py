@@ -56,10 +56,14 @@ def autocast_target(dtype: torch.dtype, autocast: torch.dtype | None) -> torch.d
 
 
 def autocast_cast(tensors, autocast: torch.dtype) -> list:
-    """The tensors (or None) as autocast_dtype's rule casts them. Where the extension is loaded, the casts
-    go through autocast's cache, as torch.nn's do: a float32 parameter is cast once per autocast region
-    (torch.compile traces the casts instead, into its graph)."""
-    if ops.LOAD_ERROR is not None or torch.compiler.is_compiling():
+    """The tensors (or None) as autocast_dtype's rule casts them. Where autograd records nothing (generation,
+    inference), through autocast's cache, as torch.nn's layers cast: a float32 parameter that requires grad
+    is cast once per autocast region, not once per call. Where it records, each call casts afresh, so that
+    the gradients of many calls (an unrolled cell) add up in float32, not in the autocast dtype as through
+    one cached cast. Not under torch.compile, which traces the casts into its graph, nor under torch.func's
+    transforms, which have no rule for the caching operator."""
+    if (ops.LOAD_ERROR is not None or torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()):
         return [t if t is None else t.to(autocast_target(t.dtype, autocast)) for t in tensors]
     cast = iter(torch.ops.rnnkernels.autocast_cast([t for t in tensors if t is not None], autocast))
     return [t if t is None else next(cast) for t in tensors]

@@ -250,12 +250,36 @@ class CastCounter(TorchDispatchMode):
 
 @pytest.mark.parametrize("on", on_devices(("cpu", "reference", "cuda")), indirect=True)
 @pytest.mark.parametrize("kind", ["LSTM", "GRUCell"])
-def test_parameters_are_cast_once_per_autocast_region(kind, on):
-    """As torch.nn's layers are: each float32 parameter is cast once per autocast region, through autocast's
-    cache, however often the layer runs there (in generation, once and not once per token), and again in a
-    new region; the gradients through a cached cast are those through a fresh one (cache_enabled=False). (Of
-    two calls' outputs they would differ in rounding, as torch.nn's do: the cached cast sums their gradients
-    in the autocast dtype, the fresh casts in float32.)"""
+def test_parameters_are_cast_once_per_autocast_region_without_grad(kind, on):
+    """Where autograd records nothing (generation), each float32 parameter is cast once per autocast region
+    through autocast's cache, as by torch.nn's layers, however often the layer runs there; again in a new
+    region; and once per call where the cache is off (cache_enabled=False). The outputs are the same."""
+    device, backend = on
+    skip_unless_runs(backend, device, torch.bfloat16)
+    m, x, hx = module_with_inputs(kind, device)
+    ours = twin(m, backend)
+    parameters = list(ours.parameters())
+    casts, outputs = [], []
+    for cache_enabled in (True, False):
+        counter = CastCounter(parameters)
+        with counter, torch.no_grad():
+            for region in range(2):
+                with torch.autocast(device, dtype=torch.bfloat16, cache_enabled=cache_enabled):
+                    ours(x, hx)
+                    out = ours(x, hx)
+        casts.append(counter.casts)
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+    assert set(casts[0].values()) == {2}, "cached: one cast per parameter per region"
+    assert set(casts[1].values()) == {4}, "uncached: one cast per parameter per call"
+    assert torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("on", on_devices(("cpu", "reference", "cuda")), indirect=True)
+@pytest.mark.parametrize("kind", ["LSTM", "GRUCell"])
+def test_gradients_of_many_calls_in_an_autocast_region_add_up_in_float32(kind, on):
+    """Where autograd records, each call casts the parameters afresh, so that the gradients of two calls
+    in one region (an unrolled cell) add up in float32: exactly those with autocast's cache off. Through
+    one cached cast they would add up in bfloat16 first (test: differ)."""
     device, backend = on
     skip_unless_runs(backend, device, torch.bfloat16)
     m, x, hx = module_with_inputs(kind, device)
@@ -265,18 +289,29 @@ def test_parameters_are_cast_once_per_autocast_region(kind, on):
     for cache_enabled in (True, False):
         ours.zero_grad(set_to_none=True)
         counter = CastCounter(parameters)
-        with counter:
-            for region in range(2):
-                with torch.autocast(device, dtype=torch.bfloat16, cache_enabled=cache_enabled):
-                    ours(x, hx)
-                    second = ours(x, hx)
-                (second[0] if isinstance(second, tuple) else second).float().sum().backward()
+        with counter, torch.autocast(device, dtype=torch.bfloat16, cache_enabled=cache_enabled):
+            first, second = ours(x, hx), ours(x, hx)
+        loss = sum((out[0] if isinstance(out, tuple) else out).float().sum() for out in (first, second))
+        loss.backward()
         casts.append(counter.casts)
         gradients.append([p.grad for p in parameters])
-    assert set(casts[0].values()) == {2}, "cached: one cast per parameter per region"
-    assert set(casts[1].values()) == {4}, "uncached: one cast per parameter per call"
+    assert casts[0] == casts[1] and set(casts[0].values()) == {2}, "one cast per parameter per call"
     for index, (a, b) in enumerate(zip(*gradients, strict=True)):
         assert a.dtype == torch.float32 and torch.equal(a, b), f"gradient {index}"
+
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRU"])
+def test_vmap_under_autocast(kind):
+    """torch.func.vmap over a layer under autocast (without grad, where the casts would otherwise go
+    through the caching operator, which vmap has no rule for) matches a loop over the batch."""
+    m, x, hx = module_with_inputs(kind, "cpu")
+    ours = twin(m)
+    batch = torch.stack([x, 2 * x])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # [0]: the cell's h, the layer's output
+        mapped = torch.func.vmap(lambda xi: ours(xi, hx)[0])(batch)
+        looped = torch.stack([ours(xi, hx)[0] for xi in batch])
+    assert mapped.dtype == torch.bfloat16
+    torch.testing.assert_close(mapped, looped, atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])

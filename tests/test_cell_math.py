@@ -107,9 +107,9 @@ def onednn_takes(dtype: torch.dtype) -> bool:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("cell,projected", CASES, ids=["lstm", "lstm_w_hr", "gru", "rnn_tanh", "rnn_relu"])
 def test_reduced_precision_ops_vs_reference_at_size(cell, projected, dtype):
-    """16-bit recurrences large enough for the paths small ones skip: each step's product through oneDNN
+    """16-bit recurrences large enough for the paths small ones skip: the per-step products through oneDNN
     where this CPU's oneDNN takes the dtype (32 rows x 192 units: over a million multiply-adds), and
-    weight gradients summed over more than 256 rows (12 x 32) in one product."""
+    weight gradients over more than 256 rows (12 x 32), which float32 sums in slices and 16 bits do not."""
     args = make_args(cell, projected, 3.0, T=12, B=32, H=192, P=48, lengths=None, reverse=False, seed=11)
     with torch.profiler.profile() as profile:
         ours = run_op(ops.recurrence, cell, args, dtype)
