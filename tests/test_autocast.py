@@ -248,17 +248,23 @@ class CastCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def bfloat16_twin_with_inputs(kind: str, on: tuple):
+    """(device, a twin on the backend of a float32 module of kind, its input, state and parameters), for
+    a backend that runs bfloat16 there."""
+    device, backend = on
+    skip_unless_runs(backend, device, torch.bfloat16)
+    m, x, hx = module_with_inputs(kind, device)
+    ours = twin(m, backend)
+    return device, ours, x, hx, list(ours.parameters())
+
+
 @pytest.mark.parametrize("on", on_devices(("cpu", "reference", "cuda")), indirect=True)
 @pytest.mark.parametrize("kind", ["LSTM", "GRUCell"])
 def test_parameters_are_cast_once_per_autocast_region_without_grad(kind, on):
     """Where autograd records nothing (generation), each float32 parameter is cast once per autocast region
     through autocast's cache, as by torch.nn's layers, however often the layer runs there; again in a new
     region; and once per call where the cache is off (cache_enabled=False). The outputs are the same."""
-    device, backend = on
-    skip_unless_runs(backend, device, torch.bfloat16)
-    m, x, hx = module_with_inputs(kind, device)
-    ours = twin(m, backend)
-    parameters = list(ours.parameters())
+    device, ours, x, hx, parameters = bfloat16_twin_with_inputs(kind, on)
     casts, outputs = [], []
     for cache_enabled in (True, False):
         counter = CastCounter(parameters)
@@ -278,13 +284,9 @@ def test_parameters_are_cast_once_per_autocast_region_without_grad(kind, on):
 @pytest.mark.parametrize("kind", ["LSTM", "GRUCell"])
 def test_gradients_of_many_calls_in_an_autocast_region_add_up_in_float32(kind, on):
     """Where autograd records, each call casts the parameters afresh, so that the gradients of two calls
-    in one region (an unrolled cell) add up in float32: exactly those with autocast's cache off. Through
-    one cached cast they would add up in bfloat16 first (test: differ)."""
-    device, backend = on
-    skip_unless_runs(backend, device, torch.bfloat16)
-    m, x, hx = module_with_inputs(kind, device)
-    ours = twin(m, backend)
-    parameters = list(ours.parameters())
+    in one region (an unrolled cell) add up in float32: exactly those with autocast's cache off. (Through
+    one cached cast they add up in bfloat16 first, and differ in their last bits.)"""
+    device, ours, x, hx, parameters = bfloat16_twin_with_inputs(kind, on)
     casts, gradients = [], []
     for cache_enabled in (True, False):
         ours.zero_grad(set_to_none=True)
