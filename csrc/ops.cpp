@@ -65,9 +65,9 @@ void register_without_autocast(torch::Library& m) {
   }
 }
 
-// autocast's cast of each tensor (see rnnkernels/functional.py, autocast_cast), through autocast's own cache
-// as torch's operators cast: a float32 parameter is cast once per autocast region, not once per call
-// (in generation, once per token). Python has no other way to that cache.
+// autocast's cast of each tensor, through autocast's own cache as torch's operators cast: a float32
+// parameter that requires grad is cast once per autocast region. Python has no other way to that cache;
+// the modules take it where autograd records nothing, as in generation (rnnkernels/functional.py).
 std::vector<at::Tensor> autocast_cast(at::TensorList tensors, at::ScalarType dtype) {
   std::vector<at::Tensor> cast;
   cast.reserve(tensors.size());
