@@ -29,9 +29,6 @@ class LayerWeights:
     def tensors(self) -> tuple:
         return self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_hr
 
-    def autocast(self, dtype: torch.dtype) -> LayerWeights:
-        return LayerWeights(*autocast_cast(self.tensors(), dtype))
-
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype a layer on `device` runs in under torch.autocast, None outside it.

@@ -132,9 +132,11 @@ class _RNNBase(_Twin):
         if is_lstm and len(hx) != 2:
             raise RuntimeError("lstm expects two hidden states")
         h0, c0 = hx if is_lstm else (hx, None)
-        if autocast is not None:
-            x, h0, c0 = functional.autocast_cast((x, h0, c0), autocast)
-            weights = [w.autocast(autocast) for w in weights]
+        if autocast is not None:  # all in one call: without grad, one operator call
+            x, h0, c0, *cast = functional.autocast_cast((x, h0, c0, *(t for w in weights for t in w.tensors())),
+                                                        autocast)
+            per_layer = len(functional.LayerWeights.__slots__)
+            weights = [functional.LayerWeights(*cast[i:i + per_layer]) for i in range(0, len(cast), per_layer)]
         backend = backends.select(self.backend, device, x.dtype,
                                   lambda: (x, h0, c0, *(t for w in weights for t in w.tensors())))
         with functional.autocast_off(device, autocast):
