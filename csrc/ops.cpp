@@ -136,13 +136,15 @@ TORCH_LIBRARY_IMPL(rnnkernels, CUDA, m) {
 }
 #endif
 
-// Importing rnnkernels._C runs the registrations above; the module itself holds one fact of the build:
-// CPU_FLOAT_LANES, the vector width of the CPU kernels (rnnkernels.ops, the benchmark's metadata).
+// Importing rnnkernels._C runs the registrations above; the module itself holds two facts of the build on
+// this machine (rnnkernels.ops, the benchmark's metadata): CPU_FLOAT_LANES, the vector width of the CPU
+// kernels, and CPU_BFLOAT16_PANELS, what runs the products of their bfloat16 recurrences.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   PyObject* m = PyModule_Create(&module);
   const long lanes = static_cast<long>(rnnkernels::cpu_float_lanes());
-  if (m != nullptr && PyModule_AddIntConstant(m, "CPU_FLOAT_LANES", lanes) < 0) {
+  if (m != nullptr && (PyModule_AddIntConstant(m, "CPU_FLOAT_LANES", lanes) < 0 ||
+                       PyModule_AddStringConstant(m, "CPU_BFLOAT16_PANELS", rnnkernels::cpu_bfloat16_panels()) < 0)) {
     Py_DECREF(m);
     return nullptr;
   }

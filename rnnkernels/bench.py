@@ -595,6 +595,7 @@ def metadata(device: torch.device) -> dict:
         "cpu": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_float_lanes": ops.CPU_FLOAT_LANES,  # 16: AVX-512; 8: AVX2 with FMA; 4: NEON; 1: none
+        "cpu_bfloat16_panels": ops.CPU_BFLOAT16_PANELS,  # amx, avx512_bf16 or None
         # settings that change what either side runs: oneDNN's and MKL's instruction sets (an AVX2 machine
         # is ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 on an AVX-512 one), threads, our cache
         "environment": {name: os.environ[name] for name in CPU_SETTINGS if name in os.environ},
@@ -670,7 +671,9 @@ def print_report(report: dict) -> None:
     about = [metadata["date_utc"], metadata.get("gpu") or metadata["cpu"], f"torch {metadata['torch']}",
              f"commit {metadata['git_commit']}"]
     if metadata.get("cpu_float_lanes"):
-        about.append(f"CPU kernels: {metadata['cpu_float_lanes']} float lanes")
+        bfloat16 = metadata.get("cpu_bfloat16_panels")
+        about.append(f"CPU kernels: {metadata['cpu_float_lanes']} float lanes"
+                     + (f", bfloat16 on {bfloat16}" if bfloat16 else ""))
     about += [f"{name}={value}" for name, value in metadata.get("environment", {}).items()]
     print(", ".join(about))
     print(table(cases, torch.device(metadata["device"])))

@@ -23,9 +23,13 @@ try:
     LOAD_ERROR: str | None = None
     # float32 units per vector of the CPU kernels as built: 16 (AVX-512), 8 (AVX2 with FMA), 4 (NEON) or 1
     CPU_FLOAT_LANES: int | None = getattr(_C, "CPU_FLOAT_LANES", None)  # None: a build older than this file
+    # what runs the per-step products of bfloat16 recurrences on the CPU: "amx" (Intel Xeons from Sapphire
+    # Rapids on), "avx512_bf16" (AMD Zen 4 and 5) or None (a oneDNN or BLAS GEMM a step)
+    CPU_BFLOAT16_PANELS: str | None = getattr(_C, "CPU_BFLOAT16_PANELS", "") or None
 except ImportError as error:  # a source checkout that was not built, or a torch ABI mismatch
     LOAD_ERROR = f"{type(error).__name__}: {error}"
     CPU_FLOAT_LANES = None
+    CPU_BFLOAT16_PANELS = None
     warnings.warn(
         f"rnnkernels: the compiled extension could not be loaded ({LOAD_ERROR}); only the reference "
         "backend is available. Build it with: pip install --no-build-isolation -e .",

@@ -4,6 +4,11 @@ correctness rule, with pre-activations from small to saturating (gx scaled by up
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -104,20 +109,65 @@ def onednn_takes(dtype: torch.dtype) -> bool:
     return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
 
+STEP_PRODUCTS = {"mkldnn::_linear_pointwise", "aten::addmm", "aten::mm"}
+
+
+def on_bfloat16_panels(dtype: torch.dtype, projected: bool) -> bool:
+    """Whether the recurrence's per-step products run on the bfloat16 panels (csrc/cpu/bfloat16_panels.h:
+    AMX or AVX512-BF16), not per-step GEMMs."""
+    return ops.CPU_BFLOAT16_PANELS is not None and dtype == torch.bfloat16 and not projected
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("cell,projected", CASES, ids=["lstm", "lstm_w_hr", "gru", "rnn_tanh", "rnn_relu"])
 def test_reduced_precision_ops_vs_reference_at_size(cell, projected, dtype):
-    """16-bit recurrences large enough for the paths small ones skip: the per-step products through oneDNN
-    where this CPU's oneDNN takes the dtype (32 rows x 192 units: over a million multiply-adds), and
-    weight gradients over more than 256 rows (12 x 32), which float32 sums in slices and 16 bits do not."""
+    """16-bit recurrences large enough for the paths small ones skip: the per-step products on the bfloat16
+    panels where this machine has them, else through oneDNN where this CPU's oneDNN takes the dtype
+    (32 rows x 192 units: over a million multiply-adds), and weight gradients over more than 256 rows
+    (12 x 32), which float32 sums in slices and 16 bits do not."""
     args = make_args(cell, projected, 3.0, T=12, B=32, H=192, P=48, lengths=None, reverse=False, seed=11)
     with torch.profiler.profile() as profile:
         ours = run_op(ops.recurrence, cell, args, dtype)
-    if onednn_takes(dtype):
+    if not on_bfloat16_panels(dtype, projected) and onednn_takes(dtype):
         assert "mkldnn::_linear_pointwise" in {event.name for event in profile.events()}
     baseline = run_op(reference.recurrence, cell, args, dtype)
     exact = run_op(reference.recurrence, cell, args, torch.float64)
     assert_results(ours, baseline, exact, dtype)
+
+
+@pytest.mark.skipif(ops.CPU_BFLOAT16_PANELS is None, reason="neither AMX nor AVX512-BF16 in this build")
+@pytest.mark.parametrize("scale", [0.5, 3.0, 50.0])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_bfloat16_recurrences_on_panels(cell, scale):
+    """bfloat16 on the panels of csrc/cpu/bfloat16_panels.h at their edges: 40 units (on AMX a last step
+    of 8 inputs past whole steps of 32; a last block of 8 of 16 units), 21 rows (two AMX tiles of 10 and
+    11, or 4 register tiles), 5 rows with lengths (finished sequences) forward and reversed, and an empty
+    batch. The forward leaves no product to torch."""
+    cases = [(21, None, False), (5, [7, 3, 0, 7, 5], True), (5, [1, 7, 6, 2, 7], False), (0, None, False)]
+    for seed, (B, lengths, reverse) in enumerate(cases):
+        args = make_args(cell, False, scale, T=7, B=B, H=40, P=40, lengths=lengths, reverse=reverse, seed=seed)
+        with torch.profiler.profile() as profile:
+            ops.recurrence(cell, *[a.bfloat16() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                   for a in args])
+        assert not STEP_PRODUCTS & {event.name for event in profile.events()}
+        ours = run_op(ops.recurrence, cell, args, torch.bfloat16)
+        baseline = run_op(reference.recurrence, cell, args, torch.bfloat16)
+        exact = run_op(reference.recurrence, cell, args, torch.float64)
+        assert_results(ours, baseline, exact, torch.bfloat16)
+
+
+@pytest.mark.skipif(ops.CPU_BFLOAT16_PANELS != "amx", reason="AVX512-BF16 runs here anyway, or neither is built")
+def test_bfloat16_recurrences_on_avx512_bf16_where_amx_is_turned_off():
+    """A machine with AMX also has AVX512-BF16, the bfloat16 panels of AMD's CPUs: with RNNKERNELS_CPU_AMX=0
+    the bfloat16 tests run again on those."""
+    env = {**os.environ, "RNNKERNELS_CPU_AMX": "0"}
+    kind = subprocess.run([sys.executable, "-c", "import rnnkernels.ops as o; print(o.CPU_BFLOAT16_PANELS)"],
+                          env=env, capture_output=True, text=True)
+    assert kind.stdout.strip() == "avx512_bf16", kind.stdout + kind.stderr
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                            "bfloat16_recurrences_on_panels or at_size"], env=env, capture_output=True, text=True)
+    passed = re.search(r"(\d+) passed", tests.stdout)
+    assert tests.returncode == 0 and passed and int(passed.group(1)) >= 12, tests.stdout[-3000:]
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])

@@ -79,9 +79,14 @@ def test_rnn_matches_torch(kind, case, backend, dtype):
     check_twin(m, t, x, hx, seed=1234)
 
 
+# relu's derivative jumps at 0: where a bfloat16 pre-activation lands on the other side of 0 from float64's,
+# the gradients there differ by whole terms, and a bound on the largest error no longer compares accuracy.
+# Measured over 200 random two-layer packed RNN_relu cases of 6 units: float64 and bfloat16 disagree on 7
+# of 16,914 outputs' signs with rnnkernels' bfloat16 panels (float32 sums), on 15 with torch.nn. So the relu
+# case is another (packed_sorted_hx_two_layers has one such output for rnnkernels, none for torch.nn).
 BF16_CASES = [("LSTM", "two_layers_bidirectional_hx"), ("LSTM", "proj_packed_unsorted_hx_bidir"),
               ("GRU", "packed_unsorted_hx_bidir_two_layers"), ("GRU", "batch_first_two_layers_hx"),
-              ("RNN_tanh", "two_layers_bidirectional_hx"), ("RNN_relu", "packed_sorted_hx_two_layers"),
+              ("RNN_tanh", "two_layers_bidirectional_hx"), ("RNN_relu", "packed_unsorted_hx_bidir_two_layers"),
               ("LSTM", "dropout_train_three_layers_bidir_hx")]
 
 

@@ -8,7 +8,8 @@
 //   columns (panel_linear).
 // - dots: one step of up to four sequences (generation), each weight row read once.
 //
-// Assumes: float32; AVX-512F, AVX2 and FMA, or 64-bit ARM at build time (the build is -march=native by
+// Assumes: float32 (pack_panels also packs bfloat16 for bfloat16_panels.h, whose products share the tasks,
+// tiles and epilogues below); AVX-512F, AVX2 and FMA, or 64-bit ARM at build time (the build is -march=native by
 // default; elsewhere kPanelGemm is false and the callers use oneDNN/BLAS). Output columns are grouped into
 // blocks of 2, 3 or 4 panels: for the LSTM and GRU a block holds all gates of kLanes hidden units (panel
 // p = gate p), so that one tile carries whole cells; otherwise it holds 4 * kLanes consecutive columns
@@ -45,12 +46,15 @@ constexpr int64_t kChunk = 256;
 
 // The right operand of a panel product. Block `blk` is a (K, panels * kLanes) row-major matrix, row k at
 // data + blk * block_stride + k * k_stride holding the weights of the block's columns against input k,
-// so the tile loop streams through it once per row group.
-struct PanelWeight {
+// so the tile loop streams through it once per row group. bfloat16 (bfloat16_panels.h) pairs the rows instead: row
+// pair k / 2 at data + blk * block_stride + (k / 2) * k_stride holds each column's weights against inputs
+// k and k + 1 side by side, the layout of AMX's right operand, with K padded to a whole tile step.
+template <typename scalar_t>
+struct PanelWeightOf {
   at::Tensor storage;     // what data points into: a packed copy, or the operand itself
-  const float* data = nullptr;
+  const scalar_t* data = nullptr;
   int64_t k_stride = 0, block_stride = 0;
-  at::Tensor bias;        // (blocks, panels * kLanes), zeros where there is no bias
+  at::Tensor bias;        // (blocks, panels * kLanes) float32, zeros where there is no bias
   int64_t panels = 0;     // panels per block: 2, 3 or 4
   int64_t units = 0;      // output units per block that the epilogue sees (kLanes, or panels * kLanes)
   int64_t blocks = 0;
@@ -58,6 +62,10 @@ struct PanelWeight {
   int64_t K = 0;
   int64_t columns = 0;    // columns that may be read: past them, the last block's loads are masked
 };
+using PanelWeight = PanelWeightOf<float>;
+
+// Rows of the pair layout that a bfloat16 block pads K to: AMX's step of 32 inputs.
+constexpr int64_t kPairStep = 32;
 
 // Panels per block of plain columns: 4 (64 columns), or 2 where there are at most 32 columns, which
 // would leave most lanes of a block of 64 idle (the input gradient of a character model: 28 columns).
@@ -83,52 +91,68 @@ inline PanelWeight panels_in_place(const at::Tensor& m) {
 
 // Packs w (N, K), given by strides so that a transposed view needs no copy. gates > 1 (LSTM 4, GRU 3):
 // N = gates * H and a block is the rows g * H + j of kLanes units j; gates == 1: a block is
-// column_panels(N) * kLanes rows.
-inline PanelWeight pack_panels(const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t gates) {
-  TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && (gates == 1 || gates == 3 || gates == 4),
-              "rnnkernels: panel packing takes a float32 matrix of 1, 3 or 4 gates");
-  PanelWeight p;
+// column_panels(N) * kLanes rows. float32 in rows, bfloat16 in row pairs (PanelWeightOf).
+template <typename scalar_t = float>
+PanelWeightOf<scalar_t> pack_panels(const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t gates) {
+  constexpr bool pairs = std::is_same_v<scalar_t, c10::BFloat16>;
+  static_assert(pairs || std::is_same_v<scalar_t, float>, "panels hold float32 or bfloat16");
+  TORCH_CHECK(w.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value && w.dim() == 2 &&
+                  (gates == 1 || gates == 3 || gates == 4),
+              "rnnkernels: panel packing takes a float32 or bfloat16 matrix of 1, 3 or 4 gates");
+  PanelWeightOf<scalar_t> p;
   const int64_t N = w.size(0), K = w.size(1), H = N / gates;
   p.panels = gates > 1 ? gates : column_panels(N);
   p.units = gates > 1 ? kLanes : p.panels * kLanes;
   p.blocks = (H + p.units - 1) / p.units;
   p.outputs = H;
   p.K = K;
-  const int64_t width = p.panels * kLanes;
+  const int64_t width = p.panels * kLanes, K_rows = pairs ? (K + kPairStep - 1) / kPairStep * kPairStep : K;
   p.columns = p.blocks * width;
-  p.k_stride = width;
-  p.block_stride = K * width;
-  p.storage = empty_buffer({p.blocks, K, width}, w.options());
-  p.data = p.storage.data_ptr<float>();
-  p.bias = at::zeros({p.blocks, width}, w.options());
-  const float* src = w.data_ptr<float>();
+  p.k_stride = pairs ? 2 * width : width;
+  p.block_stride = K_rows * width;
+  const at::Tensor storage = empty_buffer({p.blocks, K_rows, width}, w.options());
+  const at::Tensor packed_bias = at::zeros({p.blocks, width}, w.options().dtype(at::kFloat));
+  p.storage = storage;
+  p.bias = packed_bias;
+  p.data = storage.data_ptr<scalar_t>();
+  const scalar_t* src = w.data_ptr<scalar_t>();
   const int64_t sn = w.stride(0), sk = w.stride(1);
-  const float* bias = b.has_value() ? b->data_ptr<float>() : nullptr;
-  float* dst = p.storage.data_ptr<float>();
-  float* dst_bias = p.bias.data_ptr<float>();
+  const scalar_t* bias = b.has_value() ? b->data_ptr<scalar_t>() : nullptr;
+  scalar_t* dst = storage.data_ptr<scalar_t>();
+  float* dst_bias = packed_bias.data_ptr<float>();
   // Panel q of block blk holds rows first .. first + count - 1 of w (gate q of units blk * kLanes.., or
-  // the plain rows blk * p.units + q * kLanes..), zeros after them.
+  // the plain rows blk * p.units + q * kLanes..), zeros after them and, in pairs, below K.
+  constexpr int64_t kPair = pairs ? 2 : 1;  // inputs a packed row holds per column
   at::parallel_for(0, p.blocks * p.panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t panel = begin; panel < end; ++panel) {
       const int64_t blk = panel / p.panels, q = panel % p.panels;
       const int64_t unit = gates > 1 ? blk * kLanes : blk * p.units + q * kLanes;
       const int64_t count = std::clamp<int64_t>(H - unit, 0, kLanes);
       const int64_t first = count > 0 ? (gates > 1 ? q * H + unit : unit) : 0;
-      const float* rows = src + first * sn;
-      float* out = dst + blk * K * width + q * kLanes;
-      if (bias) std::copy_n(bias + first, count, dst_bias + blk * width + q * kLanes);
+      const scalar_t* rows = src + first * sn;
+      scalar_t* out = dst + blk * K_rows * width + q * kLanes * kPair;
+      for (int64_t c = 0; bias && c < count; ++c) {
+        dst_bias[blk * width + q * kLanes + c] = static_cast<float>(bias[first + c]);
+      }
+      const auto weight = [&](int64_t k, int64_t c) { return k < K ? rows[c * sn + k * sk] : scalar_t(0); };
       // Along whichever of w's dimensions is contiguous in memory; along k in strips of 16 rows, so that
-      // the strip of the panel being written stays in L1.
+      // the strip of the panel being written stays in L1. Packed row kr holds inputs kr * kPair + i.
       constexpr int64_t kStrip = 16;
-      for (int64_t k0 = 0; k0 < K; k0 += kStrip) {
-        const int64_t k1 = std::min(K, k0 + kStrip);
+      for (int64_t kr0 = 0; kr0 < K_rows / kPair; kr0 += kStrip) {
+        const int64_t kr1 = std::min(K_rows / kPair, kr0 + kStrip);
+        const auto put = [&](int64_t kr, int64_t c) {
+          for (int64_t i = 0; i < kPair; ++i) out[kr * kPair * width + c * kPair + i] = weight(kr * kPair + i, c);
+        };
         if (sn == 1) {
-          for (int64_t k = k0; k < k1; ++k) std::copy_n(rows + k * sk, count, out + k * width);
+          for (int64_t kr = kr0; kr < kr1; ++kr)
+            for (int64_t c = 0; c < count; ++c) put(kr, c);
         } else {
           for (int64_t c = 0; c < count; ++c)
-            for (int64_t k = k0; k < k1; ++k) out[k * width + c] = rows[c * sn + k * sk];
+            for (int64_t kr = kr0; kr < kr1; ++kr) put(kr, c);
         }
-        for (int64_t k = k0; count < kLanes && k < k1; ++k) std::fill(out + k * width + count, out + k * width + kLanes, 0.f);
+        for (int64_t kr = kr0; kr < kr1; ++kr) {
+          std::fill_n(out + kr * kPair * width + count * kPair, (kLanes - count) * kPair, scalar_t(0));
+        }
       }
     }
   });
@@ -201,10 +225,12 @@ template <int kPanels, bool kMasked, int kRows = kTileRows<kPanels>>
 #endif
 
 // The left operand of a panel product: element (r, k) at data[r * row_stride + k * k_stride].
-struct PanelRows {
-  const float* data;
+template <typename scalar_t>
+struct PanelRowsOf {
+  const scalar_t* data;
   int64_t rows, row_stride, k_stride;
 };
+using PanelRows = PanelRowsOf<float>;
 
 // A finished tile of a panel product: rows [r0, r0 + rows) of h against output units [j0, j0 + n), row r
 // at row(r): the unit's gates kLanes apart in a block of gates, else the n units in a row.

@@ -1,5 +1,6 @@
-// CPU recurrence kernels. float32 on AVX-512, AVX2 or 64-bit ARM builds: per time step one parallel pass of the
-// panel kernels (panels.h) whose tiles go straight into the gate math (forward) or the gate gradients (backward).
+// CPU recurrence kernels. float32 on AVX-512, AVX2 or 64-bit ARM builds, and bfloat16 on AMX: per time step one
+// parallel pass of the panel kernels (panels.h, bfloat16_panels.h) whose tiles go straight into the gate math (forward) or
+// the gate gradients (backward).
 // Otherwise per time step one GEMM for the recurrent term, then one fused pass over batch x hidden for
 // every gate and the state update; the backward sweep likewise. Either way the weight gradients are
 // whole-sequence products at the end. Shapes and checks: csrc/recurrence_args.h.
@@ -16,6 +17,7 @@
 #include "../recurrence_args.h"
 #include "buffers.h"
 #include "float_lanes.h"
+#include "bfloat16_panels.h"
 #include "panels.h"
 
 namespace rnnkernels {
@@ -220,12 +222,13 @@ scalar_t* row(const Tensor& t, int64_t index, int64_t width) {
 // Row kernels: one (t, b) over `n` hidden units, Lanes<scalar_t>::width at a time (float_lanes.h), the
 // gates of a unit `xs` apart in x and the workspace and `rs` apart in the recurrent part r (H for a whole
 // row; kLanes for a tile of the panel kernels). L::load(p + j, n - j) reads the units from j on.
-template <bool keep, typename scalar_t, typename L = Lanes<scalar_t>>
-void lstm_forward_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, scalar_t* __restrict__ ws,
+// r may be float32 where the rest is bfloat16: a panel tile's sums, before any rounding.
+template <bool keep, typename scalar_t, typename rec_t, typename L = Lanes<scalar_t>, typename LR = Lanes<rec_t>>
+void lstm_forward_row(const scalar_t* __restrict__ x, const rec_t* __restrict__ r, scalar_t* __restrict__ ws,
                       scalar_t* __restrict__ c, scalar_t* __restrict__ h, int64_t n, int64_t xs, int64_t rs) {
   for (int64_t j = 0; j < n; j += L::width) {
     const int64_t left = n - j;
-    const auto pre = [&](int64_t g) { return L::load(x + g * xs + j, left) + L::load(r + g * rs + j, left); };
+    const auto pre = [&](int64_t g) { return L::load(x + g * xs + j, left) + LR::load(r + g * rs + j, left); };
     const LstmForward<typename L::type> s(pre(0), pre(1), pre(2), pre(3), L::load(c + j, left));
     if constexpr (keep) {
       L::store(ws + j, s.i, left);
@@ -240,14 +243,14 @@ void lstm_forward_row(const scalar_t* __restrict__ x, const scalar_t* __restrict
 }
 
 // h_prev and h may be the same row (the state updated in place).
-template <bool keep, typename scalar_t, typename L = Lanes<scalar_t>>
-void gru_forward_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, scalar_t* __restrict__ ws,
+template <bool keep, typename scalar_t, typename rec_t, typename L = Lanes<scalar_t>, typename LR = Lanes<rec_t>>
+void gru_forward_row(const scalar_t* __restrict__ x, const rec_t* __restrict__ r, scalar_t* __restrict__ ws,
                      const scalar_t* h_prev, scalar_t* h, int64_t n, int64_t xs, int64_t rs) {
   for (int64_t j = 0; j < n; j += L::width) {
     const int64_t left = n - j;
-    const auto hn = L::load(r + 2 * rs + j, left);
-    const GruForward<typename L::type> s(L::load(x + j, left) + L::load(r + j, left),
-                                         L::load(x + xs + j, left) + L::load(r + rs + j, left),
+    const auto hn = LR::load(r + 2 * rs + j, left);
+    const GruForward<typename L::type> s(L::load(x + j, left) + LR::load(r + j, left),
+                                         L::load(x + xs + j, left) + LR::load(r + rs + j, left),
                                          L::load(x + 2 * xs + j, left), hn, L::load(h_prev + j, left));
     if constexpr (keep) {
       L::store(ws + j, s.r, left);
@@ -259,19 +262,19 @@ void gru_forward_row(const scalar_t* __restrict__ x, const scalar_t* __restrict_
   }
 }
 
-template <typename scalar_t, typename L = Lanes<scalar_t>>
-void rnn_forward_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, scalar_t* __restrict__ h,
+template <typename scalar_t, typename rec_t, typename L = Lanes<scalar_t>, typename LR = Lanes<rec_t>>
+void rnn_forward_row(const scalar_t* __restrict__ x, const rec_t* __restrict__ r, scalar_t* __restrict__ h,
                      int64_t n, bool relu) {
   for (int64_t j = 0; j < n; j += L::width) {
     const int64_t left = n - j;
-    L::store(h + j, rnn_forward(L::load(x + j, left) + L::load(r + j, left), relu), left);
+    L::store(h + j, rnn_forward(L::load(x + j, left) + LR::load(r + j, left), relu), left);
   }
 }
 
 // The forward row kernel of `cell` (arguments as above): c is the LSTM's cell state, updated in place;
 // h_prev the GRU's previous state. n may be a std::integral_constant, kept constant through inlining.
-template <Cell cell, typename scalar_t>
-inline void cell_forward_row(bool keep, const scalar_t* x, const scalar_t* r, scalar_t* ws, scalar_t* c,
+template <Cell cell, typename scalar_t, typename rec_t>
+inline void cell_forward_row(bool keep, const scalar_t* x, const rec_t* r, scalar_t* ws, scalar_t* c,
                              const scalar_t* h_prev, scalar_t* h, auto n, int64_t xs, int64_t rs) {
   if constexpr (cell == Cell::LSTM) {
     keep ? lstm_forward_row<true>(x, r, ws, c, h, n, xs, rs) : lstm_forward_row<false>(x, r, ws, c, h, n, xs, rs);
@@ -348,61 +351,66 @@ inline void prefetch_rows(const scalar_t* p, int64_t rows, int64_t stride, int64
   }
 }
 
-// Whether the panel kernels (panels.h) run a float32 recurrence of `steps` steps: built for them, no
-// projection (its second product per step stays below), and enough steps to repay packing the weight.
-bool use_panels(int64_t steps, bool projected) {
+// Whether the panel kernels run a recurrence of `steps` steps over H units: float32 where the build has
+// them (panels.h), bfloat16 on AMX or AVX512-BF16 (bfloat16_panels.h) with H even (the inputs of a step's product come in pairs);
+// no projection (its second product per step stays below), and enough steps to repay packing the weight.
+template <typename scalar_t>
+bool use_panels(int64_t steps, bool projected, int64_t H) {
   constexpr int64_t kPackFromSteps = 4;
-  return kPanelGemm && !projected && steps >= kPackFromSteps;
+  if (projected || steps < kPackFromSteps) return false;
+  if constexpr (std::is_same_v<scalar_t, float>) return kPanelGemm;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return H % 2 == 0 && bfloat16_panels() != Bfloat16Panels::none;
+  return false;
 }
 
 // The forward sweep on the panel kernels: per step one parallel pass in which each tile's recurrent
 // product goes straight into its cells. Every tile reads the whole previous state, so the new one is
 // written elsewhere: into the output row of the step itself where all sequences run every step, else
 // into a second state buffer (a finished sequence keeps its state but must output zeros).
-template <Cell cell>
+template <Cell cell, typename scalar_t>
 void forward_panels(const RecurrenceDims& d, const Steps& steps, const Tensor& gx, const Tensor& w_hh,
                     const std::optional<Tensor>& b_hh, Tensor& h, Tensor& c, Tensor& output, Tensor& workspace) {
   const int64_t B = d.B, H = d.H, GH = d.G * d.H, W = workspace_width(cell, H);
   const bool keep = workspace.size(2) > 0, state_in_output = steps.lengths == nullptr;
-  const PanelWeight pw = pack_panels(w_hh, b_hh, d.G);
+  const PanelWeightOf<scalar_t> pw = pack_panels<scalar_t>(w_hh, b_hh, d.G);
   // pw.units (but for the RNN at H <= 2 * kLanes: 2 * kLanes, which then takes the general n)
   constexpr int64_t kBlockUnits = cell == Cell::LSTM || cell == Cell::GRU ? kLanes : 4 * kLanes;
   Tensor h_other = state_in_output ? Tensor() : at::empty_like(h);
-  const float* const gx_data = gx.data_ptr<float>();
-  float* const ws_data = keep ? workspace.data_ptr<float>() : nullptr;
-  float* const c_data = cell == Cell::LSTM ? c.data_ptr<float>() : nullptr;
-  const float* cur = h.data_ptr<float>();
+  const scalar_t* const gx_data = gx.data_ptr<scalar_t>();
+  scalar_t* const ws_data = keep ? workspace.data_ptr<scalar_t>() : nullptr;
+  scalar_t* const c_data = cell == Cell::LSTM ? c.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* cur = h.data_ptr<scalar_t>();
   for (int64_t step = 0; step < d.T; ++step) {
     const int64_t t = steps.time(step);
-    float* const out_t = row<float>(output, t * B, H);
-    float* const next = state_in_output ? out_t : (step % 2 ? h : h_other).data_ptr<float>();
+    scalar_t* const out_t = row<scalar_t>(output, t * B, H);
+    scalar_t* const next = state_in_output ? out_t : (step % 2 ? h : h_other).data_ptr<scalar_t>();
     // Row b, units [j0, j0 + n) (n constant for whole blocks: with_units).
     const auto cells = [&](int64_t b, int64_t j0, const float* pre, auto n) {
-      const float* h_prev = cur + b * H + j0;
-      float* h_next = next + b * H + j0;
+      const scalar_t* h_prev = cur + b * H + j0;
+      scalar_t* h_next = next + b * H + j0;
       if (!steps.active(t, b)) {
-        std::memcpy(h_next, h_prev, sizeof(float) * n);
+        std::memcpy(h_next, h_prev, sizeof(scalar_t) * n);
         return;
       }
-      const float* x = gx_data + (t * B + b) * GH + j0;
-      float* ws = keep ? ws_data + (t * B + b) * W + j0 : nullptr;
-      float* c_row = cell == Cell::LSTM ? c_data + b * H + j0 : nullptr;
+      const scalar_t* x = gx_data + (t * B + b) * GH + j0;
+      scalar_t* ws = keep ? ws_data + (t * B + b) * W + j0 : nullptr;
+      scalar_t* c_row = cell == Cell::LSTM ? c_data + b * H + j0 : nullptr;
       cell_forward_row<cell>(keep, x, pre, ws, c_row, h_prev, h_next, n, H, kLanes);
-      if (!state_in_output) std::memcpy(out_t + b * H + j0, h_next, sizeof(float) * n);
+      if (!state_in_output) std::memcpy(out_t + b * H + j0, h_next, sizeof(scalar_t) * n);
       if (step + 1 < d.T) {
         const int64_t ahead = steps.time(step + 1) * B + b;
         prefetch_rows(gx_data + ahead * GH + j0, d.G, H, n);
         if (keep) prefetch_rows<true>(ws_data + ahead * W + j0, W / H, H, n);
       }
     };
-    panel_product(pw, PanelRows{cur, B, H, 1}, [&](const PanelTile& tile) {
+    panel_product(pw, PanelRowsOf<scalar_t>{cur, B, H, 1}, [&](const PanelTile& tile) {
       for (int r = 0; r < tile.rows; ++r) {
         with_units<kBlockUnits>(tile.n, [&](auto n) { cells(tile.r0 + r, tile.j0, tile.row(r), n); });
       }
     });
     cur = next;
   }
-  if (cur != h.data_ptr<float>()) h.copy_(at::from_blob(const_cast<float*>(cur), {B, H}, h.options()));
+  if (cur != h.data_ptr<scalar_t>()) h.copy_(at::from_blob(const_cast<scalar_t*>(cur), {B, H}, h.options()));
 }
 
 template <Cell cell, typename scalar_t>
@@ -411,8 +419,10 @@ void forward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gx,
                   Tensor& c, Tensor& output, Tensor& workspace) {
   const int64_t T = d.T, B = d.B, H = d.H, P = d.P, GH = d.G * d.H, W = workspace_width(cell, H);
   const bool projected = w_hr.has_value(), keep = workspace.size(2) > 0;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (use_panels(T, projected)) return forward_panels<cell>(d, steps, gx, w_hh, b_hh, h, c, output, workspace);
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (use_panels<scalar_t>(T, projected, H)) {
+      return forward_panels<cell, scalar_t>(d, steps, gx, w_hh, b_hh, h, c, output, workspace);
+    }
   }
   Tensor m = projected ? at::empty({B, H}, gx.options()) : Tensor();
   const StepLinear recurrent(w_hh, b_hh, B, T);
@@ -450,10 +460,11 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
   const int64_t T = d.T, B = d.B, H = d.H, P = d.P, GH = d.G * d.H, W = workspace_width(cell, H);
   const bool projected = w_hr.has_value();
   // dL/dh_{t-1} = dL/dgates W_hh: on the panel kernels (W_hh^T packed), or one oneDNN/BLAS product a step.
-  constexpr bool is_float = std::is_same_v<scalar_t, float>;
-  const bool panels = is_float && use_panels(T, projected);
-  const std::optional<PanelWeight> panel_t =
-      panels ? std::optional<PanelWeight>(pack_panels(w_hh.t(), std::nullopt, 1)) : std::nullopt;
+  constexpr bool has_panels = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+  using panel_scalar_t = std::conditional_t<has_panels, scalar_t, float>;
+  const bool panels = has_panels && use_panels<scalar_t>(T, projected, H);
+  const std::optional<PanelWeightOf<panel_scalar_t>> panel_t =
+      panels ? std::optional(pack_panels<panel_scalar_t>(w_hh.t(), std::nullopt, 1)) : std::nullopt;
   const std::optional<StepLinear> recurrent_t =
       panels ? std::nullopt : std::optional<StepLinear>(std::in_place, w_hh.t(), std::nullopt, B, T);
   const std::optional<StepLinear> projection_t =
@@ -485,28 +496,30 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
       rnn_backward_row(g, row<scalar_t>(output, t * B + b, P) + j0, dx, n, cell == Cell::RNN_RELU);
     }
   };
-  // Units [j0, j0 + n) of row b of dL/dh_{t-1}, given their recurrent share rec.
-  const auto set_dh = [&](int64_t b, const scalar_t* __restrict__ rec, int64_t j0, auto n) {
+  // Units [j0, j0 + n) of row b of dL/dh_{t-1}, given their recurrent share rec (a panel tile's float32
+  // sums, or a product's rows).
+  const auto set_dh = [&](int64_t b, const auto* __restrict__ rec, int64_t j0, auto n) {
     scalar_t* __restrict__ g = row<scalar_t>(dh, b, P) + j0;
     if constexpr (cell == Cell::GRU) {
       const scalar_t* __restrict__ direct = row<scalar_t>(dh_direct, b, H) + j0;
       for (int64_t j = 0; j < n; ++j) g[j] = opmath_t(rec[j]) + opmath_t(direct[j]);
     } else {
-      std::memcpy(g, rec, sizeof(scalar_t) * n);
+      for (int64_t j = 0; j < n; ++j) g[j] = static_cast<scalar_t>(rec[j]);
     }
   };
-  if constexpr (is_float) {
+  if constexpr (has_panels) {
     if (panels) {
       // One parallel pass a step: each tile of dL/dh_{t-1} = dL/dgates_t W_hh goes straight on into the
       // gate gradients of step t-1 for its units (all a unit's gates depend on only its own dL/dh, dL/dc).
       const int64_t t_last = steps.time(T - 1);
       for_active_rows(steps, t_last, B, GH, [&](int64_t b) {
         add_output_grad(t_last, b, 0, H);
-        gate_grads(t_last, b, row<float>(dh, b, H), 0, H);
+        gate_grads(t_last, b, row<scalar_t>(dh, b, H), 0, H);
       });
       for (int64_t step = T - 1; step >= 0; --step) {
         const int64_t t = steps.time(step), t_next = step > 0 ? steps.time(step - 1) : -1;
-        panel_product(*panel_t, PanelRows{row<float>(grad_gh, t * B, GH), B, GH, 1}, [&](const PanelTile& tile) {
+        const PanelRowsOf<scalar_t> rows{row<scalar_t>(grad_gh, t * B, GH), B, GH, 1};
+        panel_product(*panel_t, rows, [&](const PanelTile& tile) {
           const int64_t j0 = tile.j0;
           for (int r = 0; r < tile.rows; ++r) {
             const int64_t b = tile.r0 + r;
@@ -514,13 +527,13 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
               if (steps.active(t, b)) set_dh(b, tile.row(r), j0, n);
               if (t_next >= 0 && steps.active(t_next, b)) {
                 add_output_grad(t_next, b, j0, n);
-                gate_grads(t_next, b, row<float>(dh, b, H) + j0, j0, n);
+                gate_grads(t_next, b, row<scalar_t>(dh, b, H) + j0, j0, n);
               }
               if (step >= 2) {
                 const int64_t ahead = steps.time(step - 2) * B + b;
-                if (W) prefetch_rows(row<float>(workspace, ahead, W) + j0, W / H, H, n);
-                prefetch_rows(row<float>(grad_output, ahead, P) + j0, 1, 0, n);
-                prefetch_rows<true>(row<float>(grad_gx, ahead, GH) + j0, d.G, H, n);
+                if (W) prefetch_rows(row<scalar_t>(workspace, ahead, W) + j0, W / H, H, n);
+                prefetch_rows(row<scalar_t>(grad_output, ahead, P) + j0, 1, 0, n);
+                prefetch_rows<true>(row<scalar_t>(grad_gx, ahead, GH) + j0, d.G, H, n);
               }
             });
           }
@@ -621,6 +634,14 @@ Tensors6 backward_cpu(const Tensor& grad_output_in, const Tensor& grad_h_n,
 
 int64_t cpu_float_lanes() {
   return Lanes<float>::width;
+}
+
+const char* cpu_bfloat16_panels() {
+  switch (bfloat16_panels()) {
+    case Bfloat16Panels::amx: return "amx";
+    case Bfloat16Panels::avx512_bf16: return "avx512_bf16";
+    default: return "";
+  }
 }
 
 Tensor linear_cpu(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {

@@ -26,6 +26,10 @@ Tensors6 backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
 // or 1 where the build targets none of them (csrc/cpu/float_lanes.h).
 int64_t cpu_float_lanes();
 
+// What runs the per-step products of bfloat16 recurrences (csrc/cpu/bfloat16_panels.h): "amx",
+// "avx512_bf16", or "" where neither is built (they then take a oneDNN or BLAS GEMM a step).
+const char* cpu_bfloat16_panels();
+
 // One time step with its input projection: the sequence forward at T = 1 behind one operator call, so
 // that generation pays one dispatch per layer and step.
 template <Cell cell>

@@ -191,6 +191,57 @@ void check_dot_products() {
   }
 }
 
+// bfloat16 rows load and store bit for bit as c10's scalar conversions: every bfloat16 on the way in; on
+// the way out every bfloat16 value, its neighbours and the ties between them (rounded to even), NaNs of
+// both signs (0x7FC0); a masked tail leaves the units past it untouched.
+void check_bfloat16_conversions() {
+  using B = rnnkernels::Lanes<c10::BFloat16>;
+  const auto bits_of = [](float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof(u));
+    return u;
+  };
+  const auto from_bits = [](uint32_t u) {
+    float x;
+    std::memcpy(&x, &u, sizeof(x));
+    return x;
+  };
+  std::vector<c10::BFloat16> all(65536);
+  for (uint32_t u = 0; u < 65536; ++u) all[u] = c10::BFloat16(static_cast<uint16_t>(u), c10::BFloat16::from_bits());
+  for (size_t i = 0; i < all.size(); i += kWidth) {
+    const int64_t count = (i / kWidth) % 2 ? kWidth : kWidth - 3;  // whole registers and masked tails
+    float lanes[kWidth];
+    L::store(lanes, B::load(all.data() + i, count), kWidth);
+    for (int64_t j = 0; j < count; ++j) {
+      const float want = static_cast<float>(all[i + j]);
+      ++checks;
+      if (bits_of(lanes[j]) != bits_of(want) && !(std::isnan(want) && std::isnan(lanes[j])) && ++failures <= 20) {
+        std::printf("FAILED bfloat16 load of 0x%04x: got 0x%08x\n", static_cast<unsigned>(i + j), bits_of(lanes[j]));
+      }
+    }
+  }
+  std::vector<float> xs;
+  for (uint32_t u = 0; u < 65536; ++u) {
+    for (const uint32_t low : {0x0000u, 0x0001u, 0x7FFFu, 0x8000u, 0x8001u, 0xFFFFu}) xs.push_back(from_bits(u << 16 | low));
+  }
+  const c10::BFloat16 sentinel(static_cast<uint16_t>(0x1234), c10::BFloat16::from_bits());
+  for (size_t i = 0; i < xs.size(); i += kWidth) {
+    const int64_t count = std::min<int64_t>(kWidth, xs.size() - i) - ((i / kWidth) % 3 == 0 ? 2 : 0);
+    c10::BFloat16 out[kWidth];
+    std::fill_n(out, kWidth, sentinel);
+    B::store(out, L::load(xs.data() + i, count), count);
+    for (int64_t j = 0; j < kWidth; ++j) {
+      const c10::BFloat16 want = j < count ? c10::BFloat16(xs[i + j]) : sentinel;
+      ++checks;
+      if (out[j].x != want.x && ++failures <= 20) {
+        std::printf("FAILED bfloat16 store of 0x%08x (lane %lld of %lld): got 0x%04x, want 0x%04x\n",
+                    bits_of(j < count ? xs[i + j] : 0.f), static_cast<long long>(j), static_cast<long long>(count),
+                    static_cast<unsigned>(out[j].x), static_cast<unsigned>(want.x));
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -199,6 +250,7 @@ int main() {
   check_masked_loads_and_stores();
   check_cells();
   check_dot_products();
+  check_bfloat16_conversions();
   std::printf("float_lanes_check: %lld lanes, %lld checks, %lld failed\n", static_cast<long long>(kWidth),
               static_cast<long long>(checks), static_cast<long long>(failures));
   return failures == 0 ? 0 : 1;
