@@ -9,12 +9,12 @@
 // - dots: one step of up to four sequences (generation), each weight row read once.
 //
 // Assumes: float32 (pack_panels also packs bfloat16 for bfloat16_panels.h, whose products share the tasks,
-// tiles and epilogues below); AVX-512F, AVX2 and FMA, or 64-bit ARM at build time (the build is -march=native by
-// default; elsewhere kPanelGemm is false and the callers use oneDNN/BLAS). Output columns are grouped into
-// blocks of 2, 3 or 4 panels: for the LSTM and GRU a block holds all gates of kLanes hidden units (panel
-// p = gate p), so that one tile carries whole cells; otherwise it holds 4 * kLanes consecutive columns
-// (2 * kLanes where N <= 2 * kLanes). Packed columns beyond N are zero; in place, loads past N are masked.
-// Nothing past N is stored.
+// tiles and epilogues below); AVX-512F, AVX2 and FMA, or 64-bit ARM at build time (the build is
+// -march=native by default; elsewhere kPanelGemm is false and the callers use oneDNN/BLAS). Output columns
+// are grouped into blocks of 2, 3 or 4 panels: for the LSTM and GRU a block holds all gates of kLanes
+// hidden units (panel p = gate p), so that one tile carries whole cells; otherwise it holds 4 * kLanes
+// consecutive columns (2 * kLanes where N <= 2 * kLanes). Packed columns beyond N are zero; in place,
+// loads past N are masked. Nothing past N is stored.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -46,8 +46,8 @@ constexpr int64_t kChunk = 256;
 
 // The right operand of a panel product. Block `blk` is a (K, panels * kLanes) row-major matrix, row k at
 // data + blk * block_stride + k * k_stride holding the weights of the block's columns against input k,
-// so the tile loop streams through it once per row group. bfloat16 (bfloat16_panels.h) pairs the rows instead: row
-// pair k / 2 at data + blk * block_stride + (k / 2) * k_stride holds each column's weights against inputs
+// so the tile loop streams through it once per row group. bfloat16 (bfloat16_panels.h) pairs the rows
+// instead: row pair k / 2 at data + blk * block_stride + (k / 2) * k_stride holds each column's weights against inputs
 // k and k + 1 side by side, the layout of AMX's right operand, with K padded to a whole tile step.
 template <typename scalar_t>
 struct PanelWeightOf {

@@ -1,6 +1,6 @@
-// CPU recurrence kernels. float32 on AVX-512, AVX2 or 64-bit ARM builds, and bfloat16 on AMX: per time step one
-// parallel pass of the panel kernels (panels.h, bfloat16_panels.h) whose tiles go straight into the gate math (forward) or
-// the gate gradients (backward).
+// CPU recurrence kernels. float32 on AVX-512, AVX2 or 64-bit ARM builds, and bfloat16 on AMX or AVX512-BF16:
+// per time step one parallel pass of the panel kernels (panels.h, bfloat16_panels.h) whose tiles go straight
+// into the gate math (forward) or the gate gradients (backward).
 // Otherwise per time step one GEMM for the recurrent term, then one fused pass over batch x hidden for
 // every gate and the state update; the backward sweep likewise. Either way the weight gradients are
 // whole-sequence products at the end. Shapes and checks: csrc/recurrence_args.h.
@@ -352,8 +352,9 @@ inline void prefetch_rows(const scalar_t* p, int64_t rows, int64_t stride, int64
 }
 
 // Whether the panel kernels run a recurrence of `steps` steps over H units: float32 where the build has
-// them (panels.h), bfloat16 on AMX or AVX512-BF16 (bfloat16_panels.h) with H even (the inputs of a step's product come in pairs);
-// no projection (its second product per step stays below), and enough steps to repay packing the weight.
+// them (panels.h), bfloat16 on AMX or AVX512-BF16 (bfloat16_panels.h) with H even (the inputs of a step's
+// product come in pairs); no projection (its second product per step stays below), and enough steps to
+// repay packing the weight.
 template <typename scalar_t>
 bool use_panels(int64_t steps, bool projected, int64_t H) {
   constexpr int64_t kPackFromSteps = 4;

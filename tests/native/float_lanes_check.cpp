@@ -207,7 +207,9 @@ void check_bfloat16_conversions() {
     return x;
   };
   std::vector<c10::BFloat16> all(65536);
-  for (uint32_t u = 0; u < 65536; ++u) all[u] = c10::BFloat16(static_cast<uint16_t>(u), c10::BFloat16::from_bits());
+  for (uint32_t u = 0; u < 65536; ++u) {
+    all[u] = c10::BFloat16(static_cast<uint16_t>(u), c10::BFloat16::from_bits());
+  }
   for (size_t i = 0; i < all.size(); i += kWidth) {
     const int64_t count = (i / kWidth) % 2 ? kWidth : kWidth - 3;  // whole registers and masked tails
     float lanes[kWidth];
@@ -222,7 +224,9 @@ void check_bfloat16_conversions() {
   }
   std::vector<float> xs;
   for (uint32_t u = 0; u < 65536; ++u) {
-    for (const uint32_t low : {0x0000u, 0x0001u, 0x7FFFu, 0x8000u, 0x8001u, 0xFFFFu}) xs.push_back(from_bits(u << 16 | low));
+    for (const uint32_t low : {0x0000u, 0x0001u, 0x7FFFu, 0x8000u, 0x8001u, 0xFFFFu}) {
+      xs.push_back(from_bits(u << 16 | low));
+    }
   }
   const c10::BFloat16 sentinel(static_cast<uint16_t>(0x1234), c10::BFloat16::from_bits());
   for (size_t i = 0; i < xs.size(); i += kWidth) {
