@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from helpers import assert_results
-from rnnkernels import ops, reference
+from helpers import assert_results, operator_results
+from rnnkernels import backends, ops, reference
 
 pytestmark = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="compiled extension not loaded")
 
@@ -153,6 +153,43 @@ def test_bfloat16_recurrences_on_panels(cell, scale):
         ours = run_op(ops.recurrence, cell, args, torch.bfloat16)
         baseline = run_op(reference.recurrence, cell, args, torch.bfloat16)
         exact = run_op(reference.recurrence, cell, args, torch.float64)
+        assert_results(ours, baseline, exact, torch.bfloat16)
+
+
+@pytest.mark.skipif(ops.CPU_BFLOAT16_PANELS is None, reason="no AVX512-BF16 in this build")
+@pytest.mark.parametrize("scale", [0.5, 3.0, 50.0])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_bfloat16_steps_of_small_batches_on_dots(cell, scale):
+    """A bfloat16 step of 1 to 4 sequences (generation) on the dot products of bfloat16_panels.h, against the
+    reference step: 37 and 70 inputs (a masked tail of 5 or 6 inputs after none or two whole loads of 32),
+    38 units (a last block of 6, its rows taken four, then two at a time) and 19, biases or none; outputs
+    and every gradient (through the workspace the step keeps). The forward leaves no product to torch."""
+    op = getattr(torch.ops.rnnkernels, f"{cell}_step")
+    G, outputs = reference.GATES[cell], 2 if cell == "lstm" else 1
+    for seed, (B, I, H, bias) in enumerate([(1, 37, 38, True), (2, 70, 19, False), (3, 37, 19, True),
+                                            (4, 70, 38, True), (4, 37, 38, False)]):
+        g = torch.Generator().manual_seed(seed)
+
+        def rand(*shape, s=1.0):
+            return torch.randn(*shape, dtype=torch.float64, generator=g) * s
+
+        args = [rand(B, I, s=scale), rand(B, H), rand(B, H) if cell == "lstm" else None, rand(G * H, I, s=I**-0.5),
+                rand(G * H, H, s=H**-0.5), rand(G * H) if bias else None, rand(G * H) if bias else None, None]
+        with torch.no_grad(), torch.profiler.profile() as profile:
+            op(*[a.bfloat16() if a is not None else None for a in args])
+        assert not STEP_PRODUCTS & {event.name for event in profile.events()}
+        names = ["h_next", "c_next"][:outputs]
+        cotangents: list = []
+
+        def results(step, dtype):
+            values = operator_results(lambda *a: step(*a)[:outputs], args, outputs, "cpu", dtype, cotangents)
+            return dict(zip(names + [f"grad_{i}" for i in range(len(values) - outputs)], values))
+
+        def reference_step(*a):
+            return backends.select("reference", a[0].device, a[0].dtype).step(cell, *a)
+
+        ours = results(op, torch.bfloat16)
+        baseline, exact = results(reference_step, torch.bfloat16), results(reference_step, torch.float64)
         assert_results(ours, baseline, exact, torch.bfloat16)
 
 

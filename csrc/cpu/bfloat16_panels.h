@@ -87,6 +87,44 @@ template <int kPanels, int kRows = kTileRows<kPanels>>
     return dpbf16_tile_rows<kPanels, kRows - 1>(rows, h, row_stride, K, w, pair_stride, out);
   }
 }
+
+// Dots (panels.h) of bfloat16 rows and vectors: each VDPBF16PS adds 32 inputs' products into 16 float32
+// sums, straight from the rows as they lie (no packing, no conversion); a step of generation at hidden
+// 1024 streams 16 MB of weights, half of float32's. All four rows at once: 16 sums, 4 vectors and a row's
+// inputs fit AVX-512's 32 registers. A tail's inputs past K load as zeros.
+template <>
+struct Dots<c10::BFloat16> {
+  template <int kVectors>
+  static void run(const c10::BFloat16* w, int64_t ldw, int count, const c10::BFloat16* v, int64_t ldv, int64_t K,
+                  float (*out)[kDotRows]) {
+    constexpr int64_t kInputs = 2 * kLanes;
+    constexpr int64_t kAhead = 1024 / sizeof(c10::BFloat16);  // as Dots<float>: 1 KiB ahead on each row
+    const c10::BFloat16* rows[kDotRows];
+    for (int q = 0; q < kDotRows; ++q) rows[q] = w + std::min(q, count - 1) * ldw;  // past count: unused
+    __m512 acc[kDotRows][kVectors];
+    for (int q = 0; q < kDotRows; ++q)
+      for (int r = 0; r < kVectors; ++r) acc[q][r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += kInputs) {
+      const __mmask32 inputs = K - k >= kInputs ? ~__mmask32{0} : (__mmask32{1} << (K - k)) - 1;
+      __m512bh vk[kVectors];
+      for (int r = 0; r < kVectors; ++r) vk[r] = (__m512bh)_mm512_maskz_loadu_epi16(inputs, v + r * ldv + k);
+      for (int q = 0; q < kDotRows; ++q) {
+        __builtin_prefetch(rows[q] + k + kAhead, 0, 3);
+        const __m512bh wk = (__m512bh)_mm512_maskz_loadu_epi16(inputs, rows[q] + k);
+        for (int r = 0; r < kVectors; ++r) acc[q][r] = _mm512_dpbf16_ps(acc[q][r], wk, vk[r]);
+      }
+    }
+    for (int q = 0; q < count; ++q)
+      for (int r = 0; r < kVectors; ++r) out[q][r] = _mm512_reduce_add_ps(acc[q][r]);
+  }
+};
+#endif
+
+// Whether a small batch's step runs on Dots<c10::BFloat16>.
+#if defined(RNNKERNELS_AVX512_BF16)
+constexpr bool kBfloat16Dots = true;
+#else
+constexpr bool kBfloat16Dots = false;
 #endif
 
 #if defined(RNNKERNELS_AMX)

@@ -434,51 +434,59 @@ inline at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& w, cons
 // this way, with no packing to repay (panel_product packs per call).
 constexpr int kDotRows = 4;
 
-#if defined(RNNKERNELS_FLOAT_LANES)
-// out[q][r] = sum_k w[q * ldw + k] v[r * ldv + k] for the `count` <= 4 rows q of w and kVectors vectors r:
-// several rows at a time (all four, but for AVX2's 16 registers with 4 vectors: two) so that the sums
-// advance in independent chains.
-template <int kVectors>
-inline void dots(const float* w, int64_t ldw, int count, const float* v, int64_t ldv, int64_t K,
-                 float (*out)[kDotRows]) {
-  using R = FloatRegister;
-  constexpr int kRowsAtOnce = std::min(kDotRows, (R::registers - kVectors - 1) / kVectors);
-  // 1 KiB ahead on each row: the hardware prefetcher alone leaves a step at hidden 1024, which streams
-  // 32 MB of weights, at half the memory bandwidth.
-  constexpr int64_t kAhead = 1024 / sizeof(float);
-  for (int q0 = 0; q0 < count; q0 += kRowsAtOnce) {
-    const float* rows[kRowsAtOnce];
-    for (int q = 0; q < kRowsAtOnce; ++q) rows[q] = w + std::min(q0 + q, count - 1) * ldw;  // past count: unused
-    R::type acc[kRowsAtOnce][kVectors];
-    for (int q = 0; q < kRowsAtOnce; ++q)
-      for (int r = 0; r < kVectors; ++r) acc[q][r] = R::broadcast(0.f);
-    for (int64_t k = 0; k < K; k += kLanes) {
-      const bool tail = K - k < kLanes;
-      const R::mask mask = R::first(K - k);
-      const auto load = [&](const float* p) { return tail ? R::load_masked(p, mask) : R::load(p); };
-      R::type vk[kVectors];
-      for (int r = 0; r < kVectors; ++r) vk[r] = load(v + r * ldv + k);
-      for (int q = 0; q < kRowsAtOnce; ++q) {
-        __builtin_prefetch(rows[q] + k + kAhead, 0, 3);
-        const R::type wk = load(rows[q] + k);
-        for (int r = 0; r < kVectors; ++r) acc[q][r] = R::fmadd(wk, vk[r], acc[q][r]);
-      }
-    }
-    for (int q = 0; q < std::min(kRowsAtOnce, count - q0); ++q)
-      for (int r = 0; r < kVectors; ++r) out[q0 + q][r] = R::sum(acc[q][r]);
-  }
-}
+// out[q][r] = sum_k w[q * ldw + k] v[r * ldv + k] for the `count` <= kDotRows rows q of w and kVectors
+// vectors r, all of one type: Dots<float> below, Dots<c10::BFloat16> in bfloat16_panels.h.
+template <typename scalar_t>
+struct Dots;
 
-inline void dots_of(int vectors, const float* w, int64_t ldw, int count, const float* v, int64_t ldv, int64_t K,
-                    float (*out)[kDotRows]) {
+#if defined(RNNKERNELS_FLOAT_LANES)
+// Several rows at a time (all four, but for AVX2's 16 registers with 4 vectors: two) so that the sums
+// advance in independent chains.
+template <>
+struct Dots<float> {
+  template <int kVectors>
+  static void run(const float* w, int64_t ldw, int count, const float* v, int64_t ldv, int64_t K,
+                  float (*out)[kDotRows]) {
+    using R = FloatRegister;
+    constexpr int kRowsAtOnce = std::min(kDotRows, (R::registers - kVectors - 1) / kVectors);
+    // 1 KiB ahead on each row: the hardware prefetcher alone leaves a step at hidden 1024, which streams
+    // 32 MB of weights, at half the memory bandwidth.
+    constexpr int64_t kAhead = 1024 / sizeof(float);
+    for (int q0 = 0; q0 < count; q0 += kRowsAtOnce) {
+      const float* rows[kRowsAtOnce];
+      for (int q = 0; q < kRowsAtOnce; ++q) rows[q] = w + std::min(q0 + q, count - 1) * ldw;  // past count: unused
+      R::type acc[kRowsAtOnce][kVectors];
+      for (int q = 0; q < kRowsAtOnce; ++q)
+        for (int r = 0; r < kVectors; ++r) acc[q][r] = R::broadcast(0.f);
+      for (int64_t k = 0; k < K; k += kLanes) {
+        const bool tail = K - k < kLanes;
+        const R::mask mask = R::first(K - k);
+        const auto load = [&](const float* p) { return tail ? R::load_masked(p, mask) : R::load(p); };
+        R::type vk[kVectors];
+        for (int r = 0; r < kVectors; ++r) vk[r] = load(v + r * ldv + k);
+        for (int q = 0; q < kRowsAtOnce; ++q) {
+          __builtin_prefetch(rows[q] + k + kAhead, 0, 3);
+          const R::type wk = load(rows[q] + k);
+          for (int r = 0; r < kVectors; ++r) acc[q][r] = R::fmadd(wk, vk[r], acc[q][r]);
+        }
+      }
+      for (int q = 0; q < std::min(kRowsAtOnce, count - q0); ++q)
+        for (int r = 0; r < kVectors; ++r) out[q0 + q][r] = R::sum(acc[q][r]);
+    }
+  }
+};
+#endif
+
+template <typename scalar_t>
+inline void dots_of(int vectors, const scalar_t* w, int64_t ldw, int count, const scalar_t* v, int64_t ldv,
+                    int64_t K, float (*out)[kDotRows]) {
   switch (vectors) {
     case 0: return;
-    case 1: return dots<1>(w, ldw, count, v, ldv, K, out);
-    case 2: return dots<2>(w, ldw, count, v, ldv, K, out);
-    case 3: return dots<3>(w, ldw, count, v, ldv, K, out);
-    default: return dots<4>(w, ldw, count, v, ldv, K, out);
+    case 1: return Dots<scalar_t>::template run<1>(w, ldw, count, v, ldv, K, out);
+    case 2: return Dots<scalar_t>::template run<2>(w, ldw, count, v, ldv, K, out);
+    case 3: return Dots<scalar_t>::template run<3>(w, ldw, count, v, ldv, K, out);
+    default: return Dots<scalar_t>::template run<4>(w, ldw, count, v, ldv, K, out);
   }
 }
-#endif
 
 }  // namespace rnnkernels

@@ -650,29 +650,32 @@ Tensor linear_cpu(const Tensor& x, const Tensor& w, const std::optional<Tensor>&
   return linear_once(x, w, b);
 }
 
-// One step of a small batch (generation), float32: per block of kLanes hidden units, the dot products of the
-// block's rows of W_ih and W_hh with each sequence's input and state, then its cells, in one parallel
-// pass that reads each weight once. The workspace is the sequence forward's at T = 1.
-template <Cell cell>
+// One step of a small batch (generation), float32 or bfloat16 (on AVX512-BF16): per block of kLanes hidden
+// units, the dot products of the block's rows of W_ih and W_hh with each sequence's input and state, then
+// its cells, in one parallel pass that reads each weight once. The sums are float32; as in the sequence
+// forward on the panels, the input part reaches the cells in scalar_t and the recurrent part as it is.
+// The workspace is the sequence forward's at T = 1.
+template <Cell cell, typename scalar_t>
 Tensors3 step_small_batch(const Tensor& x_in, const Tensor& h_in, const std::optional<Tensor>& c_in,
                           const Tensor& w_ih_in, const Tensor& w_hh_in, const std::optional<Tensor>& b_ih_in,
                           const std::optional<Tensor>& b_hh_in, bool keep) {
-#if defined(RNNKERNELS_FLOAT_LANES)
   const Tensor x = x_in.contiguous(), h = h_in.contiguous(), w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
   const std::optional<Tensor> b_ih = contiguous(b_ih_in), b_hh = contiguous(b_hh_in);
   const int64_t B = x.size(0), I = x.size(1), H = h.size(1), G = gates_of(cell), W = workspace_width(cell, H);
   Tensor h_next = at::empty({B, H}, x.options());
   Tensor c_next = cell == Cell::LSTM ? c_in->contiguous().clone() : at::empty({0}, x.options());
   Tensor workspace = at::empty({B, keep ? W : 0}, x.options());
-  const float *xp = x.data_ptr<float>(), *hp = h.data_ptr<float>(), *wi = w_ih.data_ptr<float>(),
-              *wh = w_hh.data_ptr<float>(), *bi = b_ih ? b_ih->data_ptr<float>() : nullptr,
-              *bh = b_hh ? b_hh->data_ptr<float>() : nullptr;
-  float *h_out = h_next.data_ptr<float>(), *c_out = cell == Cell::LSTM ? c_next.data_ptr<float>() : nullptr,
-        *ws_out = keep ? workspace.data_ptr<float>() : nullptr;
+  const scalar_t *xp = x.data_ptr<scalar_t>(), *hp = h.data_ptr<scalar_t>(), *wi = w_ih.data_ptr<scalar_t>(),
+                 *wh = w_hh.data_ptr<scalar_t>(), *bi = b_ih ? b_ih->data_ptr<scalar_t>() : nullptr,
+                 *bh = b_hh ? b_hh->data_ptr<scalar_t>() : nullptr;
+  scalar_t *h_out = h_next.data_ptr<scalar_t>(), *c_out = cell == Cell::LSTM ? c_next.data_ptr<scalar_t>() : nullptr,
+           *ws_out = keep ? workspace.data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, (H + kLanes - 1) / kLanes, 1, [&](int64_t begin, int64_t end) {
     // Per sequence, the input and recurrent parts of the block's pre-activations, gate g at g * kLanes.
-    float pre_x[kDotRows][4 * kLanes], pre_h[kDotRows][4 * kLanes], ws[5 * kLanes], part[4][kDotRows];
+    scalar_t pre_x[kDotRows][4 * kLanes], ws[5 * kLanes];
+    float pre_h[kDotRows][4 * kLanes], part[4][kDotRows];
     const int vectors = static_cast<int>(B);
+    const auto bias = [](const scalar_t* b, int64_t i) { return b ? static_cast<float>(b[i]) : 0.f; };
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t j0 = blk * kLanes, n = std::min(kLanes, H - j0);
       for (int64_t g = 0; g < G; ++g) {
@@ -681,27 +684,23 @@ Tensors3 step_small_batch(const Tensor& x_in, const Tensor& h_in, const std::opt
           const int count = static_cast<int>(std::min<int64_t>(4, n - l0));
           dots_of(vectors, wi + first_row * I, I, count, xp, I, I, part);
           for (int q = 0; q < count; ++q)
-            for (int64_t b = 0; b < B; ++b) pre_x[b][g * kLanes + l0 + q] = part[q][b] + (bi ? bi[first_row + q] : 0.f);
+            for (int64_t b = 0; b < B; ++b) pre_x[b][g * kLanes + l0 + q] = part[q][b] + bias(bi, first_row + q);
           dots_of(vectors, wh + first_row * H, H, count, hp, H, H, part);
           for (int q = 0; q < count; ++q)
-            for (int64_t b = 0; b < B; ++b) pre_h[b][g * kLanes + l0 + q] = part[q][b] + (bh ? bh[first_row + q] : 0.f);
+            for (int64_t b = 0; b < B; ++b) pre_h[b][g * kLanes + l0 + q] = part[q][b] + bias(bh, first_row + q);
         }
       }
       for (int64_t b = 0; b < B; ++b) {
-        float* c_row = cell == Cell::LSTM ? c_out + b * H + j0 : nullptr;
+        scalar_t* c_row = cell == Cell::LSTM ? c_out + b * H + j0 : nullptr;
         cell_forward_row<cell>(keep, pre_x[b], pre_h[b], ws, c_row, hp + b * H + j0, h_out + b * H + j0, n, kLanes,
                                kLanes);
         for (int64_t q = 0; keep && q < W / H; ++q) {
-          std::memcpy(ws_out + b * W + q * H + j0, ws + q * kLanes, sizeof(float) * n);
+          std::memcpy(ws_out + b * W + q * H + j0, ws + q * kLanes, sizeof(scalar_t) * n);
         }
       }
     }
   });
   return {h_next, c_next, workspace};
-#else
-  (void)x_in, (void)h_in, (void)c_in, (void)w_ih_in, (void)w_hh_in, (void)b_ih_in, (void)b_hh_in, (void)keep;
-  TORCH_CHECK(false, "rnnkernels: the small-batch step needs AVX-512, AVX2 with FMA or NEON at build time");
-#endif
 }
 
 template <Cell cell>
@@ -709,8 +708,15 @@ Tensors3 step_cpu(const Tensor& x, const Tensor& h, const std::optional<Tensor>&
                   const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
                   const std::optional<Tensor>& w_hr, bool keep_workspace) {
   check_step_args(gates_of(cell), x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr);
-  if (kPanelGemm && x.scalar_type() == at::kFloat && !w_hr.has_value() && x.size(0) > 0 && x.size(0) <= kDotRows) {
-    return step_small_batch<cell>(x, h, c, w_ih, w_hh, b_ih, b_hh, keep_workspace);
+  if (!w_hr.has_value() && x.size(0) > 0 && x.size(0) <= kDotRows) {
+    if constexpr (kPanelGemm) {
+      if (x.scalar_type() == at::kFloat) return step_small_batch<cell, float>(x, h, c, w_ih, w_hh, b_ih, b_hh, keep_workspace);
+    }
+    if constexpr (kBfloat16Dots) {
+      if (x.scalar_type() == at::kBFloat16) {
+        return step_small_batch<cell, c10::BFloat16>(x, h, c, w_ih, w_hh, b_ih, b_hh, keep_workspace);
+      }
+    }
   }
   // A step's projection sums over input_size only, as torch.nn's cells do: one GEMM, no K slices (whose
   // column views of w_ih oneDNN would need copied, at every step).
