@@ -143,8 +143,14 @@ extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   PyObject* m = PyModule_Create(&module);
   const long lanes = static_cast<long>(rnnkernels::cpu_float_lanes());
-  if (m != nullptr && (PyModule_AddIntConstant(m, "CPU_FLOAT_LANES", lanes) < 0 ||
-                       PyModule_AddStringConstant(m, "CPU_BFLOAT16_PANELS", rnnkernels::cpu_bfloat16_panels()) < 0)) {
+  const char* panels = nullptr;
+  try {
+    panels = rnnkernels::cpu_bfloat16_panels();
+  } catch (const c10::Error& error) {  // a setting it refuses: the import fails, saying why
+    PyErr_SetString(PyExc_ImportError, error.what_without_backtrace());
+  }
+  if (m != nullptr && (panels == nullptr || PyModule_AddIntConstant(m, "CPU_FLOAT_LANES", lanes) < 0 ||
+                       PyModule_AddStringConstant(m, "CPU_BFLOAT16_PANELS", panels) < 0)) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -583,7 +583,8 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-CPU_SETTINGS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS", "RNNKERNELS_CPU_CACHE_MB")
+CPU_SETTINGS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS", "RNNKERNELS_CPU_CACHE_MB",
+                "RNNKERNELS_CPU_BFLOAT16")
 
 
 def metadata(device: torch.device) -> dict:
@@ -595,7 +596,7 @@ def metadata(device: torch.device) -> dict:
         "cpu": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_float_lanes": ops.CPU_FLOAT_LANES,  # 16: AVX-512; 8: AVX2 with FMA; 4: NEON; 1: none
-        "cpu_bfloat16_panels": ops.CPU_BFLOAT16_PANELS,  # amx, avx512_bf16 or None
+        "cpu_bfloat16_panels": ops.CPU_BFLOAT16_PANELS,  # amx, avx512_bf16, float32 or None
         # settings that change what either side runs: oneDNN's and MKL's instruction sets (an AVX2 machine
         # is ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 on an AVX-512 one), threads, our cache
         "environment": {name: os.environ[name] for name in CPU_SETTINGS if name in os.environ},

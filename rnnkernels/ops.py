@@ -24,7 +24,9 @@ try:
     # float32 units per vector of the CPU kernels as built: 16 (AVX-512), 8 (AVX2 with FMA), 4 (NEON) or 1
     CPU_FLOAT_LANES: int | None = getattr(_C, "CPU_FLOAT_LANES", None)  # None: a build older than this file
     # what runs the per-step products of bfloat16 recurrences on the CPU: "amx" (Intel Xeons from Sapphire
-    # Rapids on), "avx512_bf16" (AMD Zen 4 and 5) or None (a oneDNN or BLAS GEMM a step)
+    # Rapids on), "avx512_bf16" (AMD Zen 4 and 5), "float32" (the float32 panels, rows widened: other
+    # AVX-512, AVX2 and NEON builds; float16 recurrences run there too) or None (a oneDNN or BLAS GEMM a
+    # step); RNNKERNELS_CPU_BFLOAT16 caps it
     CPU_BFLOAT16_PANELS: str | None = getattr(_C, "CPU_BFLOAT16_PANELS", "") or None
 except ImportError as error:  # a source checkout that was not built, or a torch ABI mismatch
     LOAD_ERROR = f"{type(error).__name__}: {error}"

@@ -152,14 +152,22 @@ TORCH_AUTOCASTS = [
 def test_matches_torch_nn_under_autocast(device, dtype, kind, backend):
     is_cell = kind in CELL_KINDS
     m, x, hx = module_with_inputs(kind, device)
-    theirs, _ = run(m, x, hx, autocast=dtype)
+    ours, _ = run(twin(m, backend), x, hx, autocast=dtype)
+    try:
+        theirs, _ = run(m, x, hx, autocast=dtype)
+    except RuntimeError as error:
+        # Under CPU autocast torch.nn's LSTM takes oneDNN's bfloat16 LSTM primitive, which a CPU without
+        # AVX-512 refuses; torch.nn's layer in dtype, which autocast stands for, is the baseline there.
+        if "could not create a primitive descriptor for the LSTM" not in str(error):
+            raise
+        theirs, _ = run(copy.deepcopy(m).to(dtype), to_dtype(x, dtype), to_dtype(hx, dtype))
+    else:
+        for name, value in theirs.items():
+            assert ours[name].dtype == value.dtype, name
     state = theirs["h" if is_cell else "output"]
     if state.dtype != dtype:
         pytest.skip(f"this torch runs {kind} in {state.dtype} under autocast to {dtype}")
-    ours, _ = run(twin(m, backend), x, hx, autocast=dtype)
     reference, _ = run(copy.deepcopy(m).double(), to_dtype(x, torch.float64), to_dtype(hx, torch.float64))
-    for name, value in theirs.items():
-        assert ours[name].dtype == value.dtype, name
     # Gradients of float32 leaves through a cast hold values of dtype: compared in it.
     lowered = lambda results: {name: t.to(dtype) for name, t in results.items()}  # noqa: E731
     assert_results(lowered(ours), lowered(theirs), reference, dtype)

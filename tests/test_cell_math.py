@@ -74,6 +74,31 @@ def make_args(cell, projected, scale, T, B, H, P, lengths, reverse, seed):
             None if lengths is None else torch.tensor(lengths), reverse]
 
 
+def away_from_relu_kinks(cell, args, dtype):
+    """args with every relu pre-activation of the float64 recurrence moved out of the band around 0 that
+    rounding to a 16-bit dtype can cross: there the gradient is a coin toss for any kernel whose rounding
+    differs from the reference's (the cpu kernels sum a step's product in float32 and round it nowhere,
+    torch.nn rounds it), and a flip at one unit spreads through all earlier steps' gradients. Step by step,
+    since a step's pre-activations depend on the states before it."""
+    if cell != "rnn_relu" or dtype not in (torch.bfloat16, torch.float16):
+        return args
+    gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse = args
+    gx = gx.clone()
+    T, B = gx.shape[:2]
+    length = lengths if lengths is not None else torch.full((B,), T)
+    for step in range(T):
+        t = T - 1 - step if reverse else step
+        output = reference.recurrence(cell, gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse)[0]
+        first = (length - 1 == t) if reverse else torch.full((B,), t == 0)
+        neighbour = min(max(t + 1 if reverse else t - 1, 0), T - 1)
+        h_prev = torch.where(first[:, None], h0, output[neighbour])
+        pre = gx[t] + h_prev @ w_hh.T + b_hh
+        band = 4 * torch.finfo(dtype).eps * (gx[t].abs() + h_prev.abs() @ w_hh.abs().T + b_hh.abs())
+        near = (pre.abs() < band) & (t < length)[:, None]
+        gx[t] = torch.where(near, gx[t] - pre + torch.where(pre < 0, -2.0, 2.0) * band, gx[t])
+    return [gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse]
+
+
 def run_op(fn, cell, args, dtype):
     """Forward and backward of a fixed functional of (output, h_n, c_n); inputs cast to dtype first."""
     inputs = [a.to(dtype).requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
@@ -95,6 +120,7 @@ def test_compiled_ops_vs_reference(cell, projected, scale, dtype):
     """Random recurrences, gx scaled by `scale` (50: deep in the saturated regions), lengths and reverse."""
     for seed, (lengths, reverse) in enumerate([(None, False), ([7, 3, 0, 7, 5], True), ([1, 7, 6, 2, 7], False)]):
         args = make_args(cell, projected, scale, T=7, B=5, H=19, P=6, lengths=lengths, reverse=reverse, seed=seed)
+        args = away_from_relu_kinks(cell, args, dtype)
         ours = run_op(ops.recurrence, cell, args, dtype)
         baseline = run_op(reference.recurrence, cell, args, dtype)
         exact = run_op(reference.recurrence, cell, args, torch.float64)
@@ -112,58 +138,70 @@ def onednn_takes(dtype: torch.dtype) -> bool:
 STEP_PRODUCTS = {"mkldnn::_linear_pointwise", "aten::addmm", "aten::mm"}
 
 
-def on_bfloat16_panels(dtype: torch.dtype, projected: bool) -> bool:
-    """Whether the recurrence's per-step products run on the bfloat16 panels (csrc/cpu/bfloat16_panels.h:
-    AMX or AVX512-BF16), not per-step GEMMs."""
-    return ops.CPU_BFLOAT16_PANELS is not None and dtype == torch.bfloat16 and not projected
+def on_panels(projected: bool) -> bool:
+    """Whether a 16-bit recurrence's per-step products run on the panel kernels (bfloat16 on AMX or
+    AVX512-BF16, csrc/cpu/bfloat16_panels.h; else, and float16, on the float32 ones, its rows widened), not
+    on per-step GEMMs."""
+    return ops.CPU_BFLOAT16_PANELS is not None and not projected
+
+
+SIXTEEN_BITS = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="f16")]
+NO_PANELS = "no panel kernels in this build (neither AVX-512, AVX2 with FMA nor NEON)"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("cell,projected", CASES, ids=["lstm", "lstm_w_hr", "gru", "rnn_tanh", "rnn_relu"])
 def test_reduced_precision_ops_vs_reference_at_size(cell, projected, dtype):
-    """16-bit recurrences large enough for the paths small ones skip: the per-step products on the bfloat16
-    panels where this machine has them, else through oneDNN where this CPU's oneDNN takes the dtype
-    (32 rows x 192 units: over a million multiply-adds), and weight gradients over more than 256 rows
+    """16-bit recurrences large enough for the paths small ones skip: the per-step products on the panels
+    where this build has them, else through oneDNN where this CPU's oneDNN takes the dtype (32 rows x 192
+    units: over a million multiply-adds), and weight gradients over more than 256 rows
     (12 x 32), which float32 sums in slices and 16 bits do not."""
-    args = make_args(cell, projected, 3.0, T=12, B=32, H=192, P=48, lengths=None, reverse=False, seed=11)
+    args = away_from_relu_kinks(cell, make_args(cell, projected, 3.0, T=12, B=32, H=192, P=48, lengths=None,
+                                                reverse=False, seed=11), dtype)
     with torch.profiler.profile() as profile:
         ours = run_op(ops.recurrence, cell, args, dtype)
-    if not on_bfloat16_panels(dtype, projected) and onednn_takes(dtype):
+    if not on_panels(projected) and onednn_takes(dtype):
         assert "mkldnn::_linear_pointwise" in {event.name for event in profile.events()}
     baseline = run_op(reference.recurrence, cell, args, dtype)
     exact = run_op(reference.recurrence, cell, args, torch.float64)
     assert_results(ours, baseline, exact, dtype)
 
 
-@pytest.mark.skipif(ops.CPU_BFLOAT16_PANELS is None, reason="neither AMX nor AVX512-BF16 in this build")
+@pytest.mark.skipif(ops.CPU_BFLOAT16_PANELS is None, reason=NO_PANELS)
+@pytest.mark.parametrize("dtype", SIXTEEN_BITS)
 @pytest.mark.parametrize("scale", [0.5, 3.0, 50.0])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
-def test_bfloat16_recurrences_on_panels(cell, scale):
-    """bfloat16 on the panels of csrc/cpu/bfloat16_panels.h at their edges: 40 units (on AMX a last step
-    of 8 inputs past whole steps of 32; a last block of 8 of 16 units), 21 rows (two AMX tiles of 10 and
-    11, or 4 register tiles), 5 rows with lengths (finished sequences) forward and reversed, and an empty
-    batch. The forward leaves no product to torch."""
-    cases = [(21, None, False), (5, [7, 3, 0, 7, 5], True), (5, [1, 7, 6, 2, 7], False), (0, None, False)]
+def test_16_bit_recurrences_on_panels(cell, scale, dtype):
+    """16-bit recurrences on the panels at their edges: 40 units (on AMX a last step of 8 inputs past whole
+    steps of 32; a last block of 8 of 16 units, or on AVX2 of 8 units whose rows widen through a buffer),
+    21 rows (two AMX tiles of 10 and 11, or register tiles), 5 rows with lengths forward (finished sequences)
+    and reversed (sequences that start late, at even and odd steps: their widened states carry over in two
+    buffers), and an empty batch. The forward leaves no product to
+    torch."""
+    cases = [(21, None, False), (5, [7, 4, 0, 6, 5], True), (5, [1, 7, 6, 2, 7], False), (0, None, False)]
     for seed, (B, lengths, reverse) in enumerate(cases):
-        args = make_args(cell, False, scale, T=7, B=B, H=40, P=40, lengths=lengths, reverse=reverse, seed=seed)
+        args = away_from_relu_kinks(cell, make_args(cell, False, scale, T=7, B=B, H=40, P=40, lengths=lengths,
+                                                    reverse=reverse, seed=seed), dtype)
         with torch.profiler.profile() as profile:
-            ops.recurrence(cell, *[a.bfloat16() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            ops.recurrence(cell, *[a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                                    for a in args])
         assert not STEP_PRODUCTS & {event.name for event in profile.events()}
-        ours = run_op(ops.recurrence, cell, args, torch.bfloat16)
-        baseline = run_op(reference.recurrence, cell, args, torch.bfloat16)
+        ours = run_op(ops.recurrence, cell, args, dtype)
+        baseline = run_op(reference.recurrence, cell, args, dtype)
         exact = run_op(reference.recurrence, cell, args, torch.float64)
-        assert_results(ours, baseline, exact, torch.bfloat16)
+        assert_results(ours, baseline, exact, dtype)
 
 
-@pytest.mark.skipif(ops.CPU_BFLOAT16_PANELS is None, reason="no AVX512-BF16 in this build")
+@pytest.mark.skipif(ops.CPU_BFLOAT16_PANELS is None, reason=NO_PANELS)
+@pytest.mark.parametrize("dtype", SIXTEEN_BITS)
 @pytest.mark.parametrize("scale", [0.5, 3.0, 50.0])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
-def test_bfloat16_steps_of_small_batches_on_dots(cell, scale):
-    """A bfloat16 step of 1 to 4 sequences (generation) on the dot products of bfloat16_panels.h, against the
-    reference step: 37 and 70 inputs (a masked tail of 5 or 6 inputs after none or two whole loads of 32),
-    38 units (a last block of 6, its rows taken four, then two at a time) and 19, biases or none; outputs
-    and every gradient (through the workspace the step keeps). The forward leaves no product to torch."""
+def test_16_bit_steps_of_small_batches_on_dots(cell, scale, dtype):
+    """A 16-bit step of 1 to 4 sequences (generation) on the dot products (panels.h; bfloat16's own on
+    AVX512-BF16), against the reference step: 37 and 70 inputs (a masked tail of 5 or 6 inputs after none
+    or two whole loads of 32), 38 units (a last block of 6, its rows taken four, then two at a time) and 19,
+    biases or none; outputs and every gradient (through the workspace the step keeps). The forward leaves
+    no product to torch."""
     op = getattr(torch.ops.rnnkernels, f"{cell}_step")
     G, outputs = reference.GATES[cell], 2 if cell == "lstm" else 1
     for seed, (B, I, H, bias) in enumerate([(1, 37, 38, True), (2, 70, 19, False), (3, 37, 19, True),
@@ -176,35 +214,42 @@ def test_bfloat16_steps_of_small_batches_on_dots(cell, scale):
         args = [rand(B, I, s=scale), rand(B, H), rand(B, H) if cell == "lstm" else None, rand(G * H, I, s=I**-0.5),
                 rand(G * H, H, s=H**-0.5), rand(G * H) if bias else None, rand(G * H) if bias else None, None]
         with torch.no_grad(), torch.profiler.profile() as profile:
-            op(*[a.bfloat16() if a is not None else None for a in args])
+            op(*[a.to(dtype) if a is not None else None for a in args])
         assert not STEP_PRODUCTS & {event.name for event in profile.events()}
         names = ["h_next", "c_next"][:outputs]
         cotangents: list = []
 
-        def results(step, dtype):
-            values = operator_results(lambda *a: step(*a)[:outputs], args, outputs, "cpu", dtype, cotangents)
+        def results(step, in_dtype):
+            values = operator_results(lambda *a: step(*a)[:outputs], args, outputs, "cpu", in_dtype, cotangents)
             return dict(zip(names + [f"grad_{i}" for i in range(len(values) - outputs)], values))
 
         def reference_step(*a):
             return backends.select("reference", a[0].device, a[0].dtype).step(cell, *a)
 
-        ours = results(op, torch.bfloat16)
-        baseline, exact = results(reference_step, torch.bfloat16), results(reference_step, torch.float64)
-        assert_results(ours, baseline, exact, torch.bfloat16)
+        ours = results(op, dtype)
+        baseline, exact = results(reference_step, dtype), results(reference_step, torch.float64)
+        assert_results(ours, baseline, exact, dtype)
 
 
-@pytest.mark.skipif(ops.CPU_BFLOAT16_PANELS != "amx", reason="AVX512-BF16 runs here anyway, or neither is built")
-def test_bfloat16_recurrences_on_avx512_bf16_where_amx_is_turned_off():
-    """A machine with AMX also has AVX512-BF16, the bfloat16 panels of AMD's CPUs: with RNNKERNELS_CPU_AMX=0
-    the bfloat16 tests run again on those."""
-    env = {**os.environ, "RNNKERNELS_CPU_AMX": "0"}
-    kind = subprocess.run([sys.executable, "-c", "import rnnkernels.ops as o; print(o.CPU_BFLOAT16_PANELS)"],
-                          env=env, capture_output=True, text=True)
-    assert kind.stdout.strip() == "avx512_bf16", kind.stdout + kind.stderr
+BFLOAT16_PANELS = ["float32", "avx512_bf16", "amx"]  # least to most (csrc/cpu/bfloat16_panels.h)
+
+
+@pytest.mark.parametrize("kind", ["float32", "avx512_bf16"])
+def test_bfloat16_recurrences_on_lesser_panels(kind):
+    """A CPU with AMX also has AVX512-BF16, the bfloat16 panels of AMD's CPUs, and every one has the float32
+    panels that AVX2 laptops run bfloat16 on: with RNNKERNELS_CPU_BFLOAT16 set to either, the bfloat16
+    tests run again on it."""
+    here = ops.CPU_BFLOAT16_PANELS
+    if here not in BFLOAT16_PANELS or BFLOAT16_PANELS.index(here) <= BFLOAT16_PANELS.index(kind):
+        pytest.skip(f"{kind} runs here anyway, or is not built" if here else NO_PANELS)
+    env = {**os.environ, "RNNKERNELS_CPU_BFLOAT16": kind}
+    ran = subprocess.run([sys.executable, "-c", "import rnnkernels.ops as o; print(o.CPU_BFLOAT16_PANELS)"],
+                         env=env, capture_output=True, text=True)
+    assert ran.stdout.strip() == kind, ran.stdout + ran.stderr
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                            "bfloat16_recurrences_on_panels or at_size"], env=env, capture_output=True, text=True)
+                            "bf16 and (on_panels or on_dots or at_size)"], env=env, capture_output=True, text=True)
     passed = re.search(r"(\d+) passed", tests.stdout)
-    assert tests.returncode == 0 and passed and int(passed.group(1)) >= 12, tests.stdout[-3000:]
+    assert tests.returncode == 0 and passed and int(passed.group(1)) >= 24, tests.stdout[-3000:]
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])

@@ -5,12 +5,15 @@
 //   inputs of a panel of 16 columns (about 5 ns on one core here);
 // - AVX512-BF16 (AMD Zen 4 and 5, Intel Cooper Lake): register tiles as the float32 ones, each
 //   VDPBF16PS adding a pair of inputs' products to 16 columns, twice the float32 FMA's work.
-// Both sum in float32; oneDNN's per-step GEMM, the other way, costs tens of microseconds a call.
+// Both sum in float32; oneDNN's per-step GEMM, the other way, costs tens of microseconds a call. Where the
+// CPU has neither (AVX2 laptops, ARM), bfloat16 recurrences run on the float32 panels instead, their rows
+// widened exactly (recurrence.cpp), which sums the same products in float32 too.
 //
 // Assumes: an AVX-512 build with AMX-TILE and AMX-BF16, or AVX512-BF16 (the -march=native build of such a
 // CPU); the left operand's inputs contiguous (k_stride 1) and an even K; the right operand in pairs
 // (pack_panels<c10::BFloat16>). Inputs that are bfloat16 subnormals count as zero, as in oneDNN's kernels.
-// RNNKERNELS_CPU_AMX=0 leaves AMX unused (the AVX512-BF16 path then runs where the build has it).
+// RNNKERNELS_CPU_BFLOAT16 names the most that bfloat16 recurrences may use: "avx512_bf16" leaves AMX
+// unused, "float32" both.
 #pragma once
 #include <cstdlib>
 #include <cstring>
@@ -30,27 +33,34 @@
 
 namespace rnnkernels {
 
-enum class Bfloat16Panels { none, avx512_bf16, amx };
+// What multiplies a bfloat16 recurrence's products, least to most: nothing (the per-step GEMM path), the
+// float32 panels, AVX512-BF16 register tiles, AMX tiles.
+enum class Bfloat16Panels { none, float32, avx512_bf16, amx };
 
-// What runs bfloat16 panel products in this process: AMX where built for it, not turned off, and granted
-// the tile state (Linux 5.16 on asks each process to request it; torch's oneDNN requests it too, but only
-// once it runs AMX itself); else AVX512-BF16 where built for it. Decided once.
+// What runs bfloat16 panel products in this process: the most that the build has, RNNKERNELS_CPU_BFLOAT16
+// allows and, for AMX, Linux grants the tile state to (from 5.16 on it asks each process to request it;
+// torch's oneDNN requests it too, but only once it runs AMX itself). Decided once.
 inline Bfloat16Panels bfloat16_panels() {
   static const Bfloat16Panels kind = [] {
+    const char* setting = std::getenv("RNNKERNELS_CPU_BFLOAT16");
+    const std::string most = setting ? setting : "amx";
+    TORCH_CHECK(most == "amx" || most == "avx512_bf16" || most == "float32",
+                "rnnkernels: RNNKERNELS_CPU_BFLOAT16 takes amx, avx512_bf16 or float32, not '", most, "'");
 #if defined(RNNKERNELS_AMX)
     constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
-    const char* setting = std::getenv("RNNKERNELS_CPU_AMX");
-    if (!(setting && std::string(setting) == "0") && syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0) {
-      return Bfloat16Panels::amx;
-    }
+    if (most == "amx" && syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0) return Bfloat16Panels::amx;
 #endif
 #if defined(RNNKERNELS_AVX512_BF16)
-    return Bfloat16Panels::avx512_bf16;
-#else
-    return Bfloat16Panels::none;
+    if (most != "float32") return Bfloat16Panels::avx512_bf16;
 #endif
+    return kPanelGemm ? Bfloat16Panels::float32 : Bfloat16Panels::none;
   }();
   return kind;
+}
+
+// Whether bfloat16 products run on bfloat16's own instructions here, not widened to the float32 panels.
+inline bool native_bfloat16_panels() {
+  return bfloat16_panels() == Bfloat16Panels::avx512_bf16 || bfloat16_panels() == Bfloat16Panels::amx;
 }
 
 #if defined(RNNKERNELS_AVX512_BF16)
@@ -118,13 +128,6 @@ struct Dots<c10::BFloat16> {
       for (int r = 0; r < kVectors; ++r) out[q][r] = _mm512_reduce_add_ps(acc[q][r]);
   }
 };
-#endif
-
-// Whether a small batch's step runs on Dots<c10::BFloat16>.
-#if defined(RNNKERNELS_AVX512_BF16)
-constexpr bool kBfloat16Dots = true;
-#else
-constexpr bool kBfloat16Dots = false;
 #endif
 
 #if defined(RNNKERNELS_AMX)
@@ -201,11 +204,10 @@ inline void amx_tile(const c10::BFloat16* h, int64_t row_stride, int rows, int64
 template <typename Epilogue>
 void panel_product(const PanelWeightOf<c10::BFloat16>& w, const PanelRowsOf<c10::BFloat16>& h,
                    const Epilogue& epilogue) {
-  const Bfloat16Panels kind = bfloat16_panels();
-  TORCH_CHECK(kind != Bfloat16Panels::none && h.k_stride == 1 && w.K % 2 == 0,
+  TORCH_CHECK(native_bfloat16_panels() && h.k_stride == 1 && w.K % 2 == 0,
               "rnnkernels: the bfloat16 panel product needs AMX or AVX512-BF16, contiguous inputs and an even K");
 #if defined(RNNKERNELS_AVX512_BF16)
-  const bool amx = kind == Bfloat16Panels::amx;
+  const bool amx = bfloat16_panels() == Bfloat16Panels::amx;
   const int64_t width = w.panels * kLanes;
   const int64_t max_rows = w.panels == 2 ? kTileRows<2> : w.panels == 3 ? kTileRows<3> : kTileRows<4>;
 #if defined(RNNKERNELS_AMX)

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <cstring>
 
 #include "../cell_math.h"
 
@@ -267,9 +268,9 @@ struct Lanes<float> {
   }
 };
 
-// bfloat16 and float16 rows: the same float32 registers, converted unit by unit on the way in (exactly)
-// and out (rounded to nearest even, as the scalar path's conversion), through a float buffer; the loops
-// vectorise, and the gate math, several times the conversions' cost, runs on whole registers.
+// bfloat16 and float16 rows: the same float32 registers, converted on the way in (exactly) and out (rounded
+// to nearest even, as the scalar path's conversion). Below on AVX-512 and AVX2 in registers; elsewhere
+// (NEON) unit by unit through a float buffer, loops that vectorise.
 template <typename scalar_t>
 struct ConvertedLanes {
   using type = FloatLanes;
@@ -288,7 +289,7 @@ struct ConvertedLanes {
   }
 };
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(RNNKERNELS_NEON)
 // bfloat16 is the high half of a float32, so AVX-512 converts 16 units in a few integer instructions:
 // shifts on the way in, and on the way out c10's rounding to nearest even (NaN to 0x7FC0), so that the
 // bits stored are those of the conversion above. A float buffer's stores and reloads cost the bfloat16
@@ -312,12 +313,71 @@ struct Lanes<c10::BFloat16> {
     _mm256_mask_storeu_epi16(p, FloatRegister::first(count), _mm512_cvtepi32_epi16(units));
   }
 };
+
+// float16 through F16C's conversions (every AVX-512 CPU has them), which round to nearest even as c10
+// does; NaN stays NaN (c10 makes it 0x7E00 with its sign, as F16C does to a float32 NaN of no payload).
+template <>
+struct Lanes<c10::Half> {
+  using type = FloatLanes;
+  static constexpr int64_t width = 16;
+  static type load(const c10::Half* p, int64_t count) {
+    return FloatLanes(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(FloatRegister::first(count), p)));
+  }
+  static void store(c10::Half* p, type v, int64_t count) {
+    _mm256_mask_storeu_epi16(p, FloatRegister::first(count), _mm512_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT));
+  }
+};
+#elif defined(__AVX2__) && defined(__F16C__) && !defined(RNNKERNELS_NEON) && !defined(__AVX512F__)
+// AVX2 (with F16C, as every AVX2 CPU): the same conversions on 8 units at a time. AVX2 has no masked 16-bit
+// loads or stores, so a row's last few units (count < 8) pass through a register's image in memory.
+template <typename scalar_t, typename Convert>
+struct Avx2HalfWidthLanes {
+  using type = FloatLanes;
+  static constexpr int64_t width = 8;
+  static type load(const scalar_t* p, int64_t count) {
+    if (count >= width) return FloatLanes(Convert::widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    __m128i units = _mm_setzero_si128();
+    std::memcpy(&units, p, sizeof(scalar_t) * std::max<int64_t>(count, 0));
+    return FloatLanes(Convert::widen(units));
+  }
+  static void store(scalar_t* p, type v, int64_t count) {
+    const __m128i units = Convert::narrow(v.v);
+    if (count >= width) return _mm_storeu_si128(reinterpret_cast<__m128i*>(p), units);
+    std::memcpy(p, &units, sizeof(scalar_t) * std::max<int64_t>(count, 0));
+  }
+};
+
+struct Bfloat16Conversions {  // as the AVX-512 ones above, bit for bit c10's
+  static __m256 widen(__m128i units) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(units), 16));
+  }
+  static __m128i narrow(__m256 v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i bias = _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, bias), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    const __m256i units = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+    // Each unit fits 16 bits, so the saturating pack keeps it as it is.
+    return _mm_packus_epi32(_mm256_castsi256_si128(units), _mm256_extracti128_si256(units, 1));
+  }
+};
+
+struct Float16Conversions {  // F16C, rounding as the AVX-512 specialisation above
+  static __m256 widen(__m128i units) { return _mm256_cvtph_ps(units); }
+  static __m128i narrow(__m256 v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT); }
+};
+
+template <>
+struct Lanes<c10::BFloat16> : Avx2HalfWidthLanes<c10::BFloat16, Bfloat16Conversions> {};
+template <>
+struct Lanes<c10::Half> : Avx2HalfWidthLanes<c10::Half, Float16Conversions> {};
 #else
 template <>
 struct Lanes<c10::BFloat16> : ConvertedLanes<c10::BFloat16> {};
-#endif
 template <>
 struct Lanes<c10::Half> : ConvertedLanes<c10::Half> {};
+#endif
 #endif
 
 }  // namespace rnnkernels

@@ -6,15 +6,15 @@
 //   across the time steps, and each register tile of rows x panels goes straight to an epilogue (a cell's
 //   gate math) while in L1. Also the weight gradients (panel_matmul_tn) and products with few output
 //   columns (panel_linear).
-// - dots: one step of up to four sequences (generation), each weight row read once.
+// - Dots: one step of up to four sequences (generation), each weight row read once.
 //
 // Assumes: float32 (pack_panels also packs bfloat16 for bfloat16_panels.h, whose products share the tasks,
-// tiles and epilogues below); AVX-512F, AVX2 and FMA, or 64-bit ARM at build time (the build is
-// -march=native by default; elsewhere kPanelGemm is false and the callers use oneDNN/BLAS). Output columns
-// are grouped into blocks of 2, 3 or 4 panels: for the LSTM and GRU a block holds all gates of kLanes
-// hidden units (panel p = gate p), so that one tile carries whole cells; otherwise it holds 4 * kLanes
-// consecutive columns (2 * kLanes where N <= 2 * kLanes). Packed columns beyond N are zero; in place,
-// loads past N are masked. Nothing past N is stored.
+// tiles and epilogues below, and widens 16-bit weights into float32 panels); AVX-512F, AVX2 and FMA, or
+// 64-bit ARM at build time (the build is -march=native by default; elsewhere kPanelGemm is false and the
+// callers use oneDNN/BLAS). Output columns are grouped into blocks of 2, 3 or 4 panels: for the LSTM and
+// GRU a block holds all gates of kLanes hidden units (panel p = gate p), so that one tile carries whole
+// cells; otherwise it holds 4 * kLanes consecutive columns (2 * kLanes where N <= 2 * kLanes). Packed
+// columns beyond N are zero; in place, loads past N are masked. Nothing past N is stored.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -91,14 +91,19 @@ inline PanelWeight panels_in_place(const at::Tensor& m) {
 
 // Packs w (N, K), given by strides so that a transposed view needs no copy. gates > 1 (LSTM 4, GRU 3):
 // N = gates * H and a block is the rows g * H + j of kLanes units j; gates == 1: a block is
-// column_panels(N) * kLanes rows. float32 in rows, bfloat16 in row pairs (PanelWeightOf).
+// column_panels(N) * kLanes rows. float32 in rows, bfloat16 in row pairs (PanelWeightOf); float32 panels
+// also take a bfloat16 or float16 w and b, widened exactly (16-bit recurrences on the float32 panels).
 template <typename scalar_t = float>
-PanelWeightOf<scalar_t> pack_panels(const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t gates) {
+PanelWeightOf<scalar_t> pack_panels(const at::Tensor& w_in, const std::optional<at::Tensor>& b_in, int64_t gates) {
   constexpr bool pairs = std::is_same_v<scalar_t, c10::BFloat16>;
   static_assert(pairs || std::is_same_v<scalar_t, float>, "panels hold float32 or bfloat16");
-  TORCH_CHECK(w.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value && w.dim() == 2 &&
+  constexpr at::ScalarType kType = c10::CppTypeToScalarType<scalar_t>::value;
+  const at::ScalarType given = w_in.scalar_type();
+  TORCH_CHECK((given == kType || (!pairs && (given == at::kBFloat16 || given == at::kHalf))) && w_in.dim() == 2 &&
                   (gates == 1 || gates == 3 || gates == 4),
-              "rnnkernels: panel packing takes a float32 or bfloat16 matrix of 1, 3 or 4 gates");
+              "rnnkernels: panel packing takes a float32, bfloat16 or float16 matrix of 1, 3 or 4 gates");
+  const at::Tensor w = w_in.to(kType);
+  const std::optional<at::Tensor> b = b_in.has_value() ? std::optional(b_in->to(kType)) : std::nullopt;
   PanelWeightOf<scalar_t> p;
   const int64_t N = w.size(0), K = w.size(1), H = N / gates;
   p.panels = gates > 1 ? gates : column_panels(N);
@@ -435,47 +440,47 @@ inline at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& w, cons
 constexpr int kDotRows = 4;
 
 // out[q][r] = sum_k w[q * ldw + k] v[r * ldv + k] for the `count` <= kDotRows rows q of w and kVectors
-// vectors r, all of one type: Dots<float> below, Dots<c10::BFloat16> in bfloat16_panels.h.
+// vectors r, all of one type, summed in float32: bfloat16 and float16 widened to float32 registers as they
+// load (Lanes, float_lanes.h), which halves the weights' stream against float32's; bfloat16 on its own dot
+// products where the CPU has them (bfloat16_panels.h). Several rows at a time (all four, but for AVX2's 16
+// registers with 4 vectors: two) so that the sums advance in independent chains.
 template <typename scalar_t>
-struct Dots;
-
-#if defined(RNNKERNELS_FLOAT_LANES)
-// Several rows at a time (all four, but for AVX2's 16 registers with 4 vectors: two) so that the sums
-// advance in independent chains.
-template <>
-struct Dots<float> {
+struct Dots {
   template <int kVectors>
-  static void run(const float* w, int64_t ldw, int count, const float* v, int64_t ldv, int64_t K,
+  static void run(const scalar_t* w, int64_t ldw, int count, const scalar_t* v, int64_t ldv, int64_t K,
                   float (*out)[kDotRows]) {
+#if defined(RNNKERNELS_FLOAT_LANES)
     using R = FloatRegister;
+    using L = Lanes<scalar_t>;
+    static_assert(L::width == kLanes, "a row's loads fill whole float32 registers");
     constexpr int kRowsAtOnce = std::min(kDotRows, (R::registers - kVectors - 1) / kVectors);
     // 1 KiB ahead on each row: the hardware prefetcher alone leaves a step at hidden 1024, which streams
-    // 32 MB of weights, at half the memory bandwidth.
-    constexpr int64_t kAhead = 1024 / sizeof(float);
+    // 32 MB of float32 weights, at half the memory bandwidth.
+    constexpr int64_t kAhead = 1024 / sizeof(scalar_t);
     for (int q0 = 0; q0 < count; q0 += kRowsAtOnce) {
-      const float* rows[kRowsAtOnce];
+      const scalar_t* rows[kRowsAtOnce];
       for (int q = 0; q < kRowsAtOnce; ++q) rows[q] = w + std::min(q0 + q, count - 1) * ldw;  // past count: unused
       R::type acc[kRowsAtOnce][kVectors];
       for (int q = 0; q < kRowsAtOnce; ++q)
         for (int r = 0; r < kVectors; ++r) acc[q][r] = R::broadcast(0.f);
       for (int64_t k = 0; k < K; k += kLanes) {
-        const bool tail = K - k < kLanes;
-        const R::mask mask = R::first(K - k);
-        const auto load = [&](const float* p) { return tail ? R::load_masked(p, mask) : R::load(p); };
         R::type vk[kVectors];
-        for (int r = 0; r < kVectors; ++r) vk[r] = load(v + r * ldv + k);
+        for (int r = 0; r < kVectors; ++r) vk[r] = L::load(v + r * ldv + k, K - k).v;
         for (int q = 0; q < kRowsAtOnce; ++q) {
           __builtin_prefetch(rows[q] + k + kAhead, 0, 3);
-          const R::type wk = load(rows[q] + k);
+          const R::type wk = L::load(rows[q] + k, K - k).v;
           for (int r = 0; r < kVectors; ++r) acc[q][r] = R::fmadd(wk, vk[r], acc[q][r]);
         }
       }
       for (int q = 0; q < std::min(kRowsAtOnce, count - q0); ++q)
         for (int r = 0; r < kVectors; ++r) out[q0 + q][r] = R::sum(acc[q][r]);
     }
+#else
+    (void)w, (void)ldw, (void)count, (void)v, (void)ldv, (void)K, (void)out;
+    TORCH_CHECK(false, "rnnkernels: the dot products need AVX-512, AVX2 with FMA or NEON at build time");
+#endif
   }
 };
-#endif
 
 template <typename scalar_t>
 inline void dots_of(int vectors, const scalar_t* w, int64_t ldw, int count, const scalar_t* v, int64_t ldv,

@@ -1,6 +1,7 @@
-// CPU recurrence kernels. float32 on AVX-512, AVX2 or 64-bit ARM builds, and bfloat16 on AMX or AVX512-BF16:
-// per time step one parallel pass of the panel kernels (panels.h, bfloat16_panels.h) whose tiles go straight
-// into the gate math (forward) or the gate gradients (backward).
+// CPU recurrence kernels. On AVX-512, AVX2 or 64-bit ARM builds, per time step one parallel pass of the
+// panel kernels (panels.h, bfloat16_panels.h) whose tiles go straight into the gate math (forward) or the
+// gate gradients (backward): float32, and bfloat16 and float16 (on AMX or AVX512-BF16 for bfloat16, else
+// on the float32 panels, rows widened).
 // Otherwise per time step one GEMM for the recurrent term, then one fused pass over batch x hidden for
 // every gate and the state update; the backward sweep likewise. Either way the weight gradients are
 // whole-sequence products at the end. Shapes and checks: csrc/recurrence_args.h.
@@ -146,11 +147,19 @@ bool is_transposed(const Tensor& m) {
 // torch.nn adds up step by step. Sums over chunks of kChunk rows, then added, keep the error at
 // torch.nn's (sum_over_input_slices). The float32 panel kernels sum in chunks anyway; elsewhere the GEMM
 // is sliced, and since oneDNN copies a transposed x, x's role goes to the smaller operand. Not in bfloat16
-// or float16: their GEMMs sum in float32 and round once, which a slice would do each time.
+// or float16: their GEMMs sum in float32 and round once, which a slice would do each time. Where oneDNN
+// lacks the CPU instructions for them (AVX2, or float16 without AVX512-FP16) their GEMMs run at a small
+// fraction of float32's speed (timemachine-char's bfloat16 input projection, 1120 x 28 x 1024, on two
+// Zen 3 cores: at::addmm 29 ms, widened and on the panel kernels 0.74 ms, float32's time), so there the
+// operands are widened exactly and the float32 product rounded once.
 Tensor linear_once(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b_in) {
   const std::optional<Tensor> b = contiguous(b_in);
   const int64_t K = w.size(1);
   const bool reduced_precision = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  if (reduced_precision && kPanelGemm && !onednn_takes(x.scalar_type())) {
+    const std::optional<Tensor> b_float = b.has_value() ? std::optional(b->to(at::kFloat)) : std::nullopt;
+    return linear_once(x.to(at::kFloat), w.to(at::kFloat), b_float).to(x.scalar_type());
+  }
   if (!is_transposed(x) || !is_transposed(w) || K <= kChunk || reduced_precision) return product(x, w, b);
   if (kPanelGemm && x.scalar_type() == at::kFloat && !b.has_value()) return panel_matmul_tn(x.t(), w.t());
   const bool swap = !b.has_value() && w.size(0) < x.size(0);
@@ -351,29 +360,73 @@ inline void prefetch_rows(const scalar_t* p, int64_t rows, int64_t stride, int64
   }
 }
 
-// Whether the panel kernels run a recurrence of `steps` steps over H units: float32 where the build has
-// them (panels.h), bfloat16 on AMX or AVX512-BF16 (bfloat16_panels.h) with H even (the inputs of a step's
-// product come in pairs); no projection (its second product per step stays below), and enough steps to
-// repay packing the weight.
+// Whether the panel kernels run a recurrence of `steps` steps: where the build has them (panels.h), in
+// float32, bfloat16 and float16; no projection (its second product per step stays below), and enough
+// steps to repay packing the weight.
 template <typename scalar_t>
-bool use_panels(int64_t steps, bool projected, int64_t H) {
+bool use_panels(int64_t steps, bool projected) {
   constexpr int64_t kPackFromSteps = 4;
-  if (projected || steps < kPackFromSteps) return false;
-  if constexpr (std::is_same_v<scalar_t, float>) return kPanelGemm;
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return H % 2 == 0 && bfloat16_panels() != Bfloat16Panels::none;
-  return false;
+  return kPanelGemm && !projected && steps >= kPackFromSteps && !std::is_same_v<scalar_t, double>;
 }
+
+// Whether a bfloat16 recurrence over H units multiplies on bfloat16's own instructions (bfloat16_panels.h):
+// where the CPU has them and H is even (the inputs of a step's product come in pairs).
+inline bool on_native_panels(int64_t H) {
+  return native_bfloat16_panels() && H % 2 == 0;
+}
+
+// What the panel products of a recurrence in scalar_t multiply: float32, or bfloat16 on its own
+// instructions (native: on_native_panels); else float32, the 16-bit rows widened exactly (PanelInput),
+// so that the products are exact and summed in float32 as the native ones are.
+template <typename scalar_t, bool native>
+using panel_type_t = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16> && native, c10::BFloat16, float>;
+
+// The left operand of a recurrence's panel products, rows of `width` written step by step: the rows
+// themselves where the panels take scalar_t; else float32 copies, widened as each row is written, in two
+// buffers (a step's product reads one while the step writes the other).
+template <typename scalar_t, typename panel_t>
+class PanelInput {
+ public:
+  static constexpr bool widened = !std::is_same_v<scalar_t, panel_t>;
+
+  PanelInput(int64_t rows, int64_t width, const at::TensorOptions& options) : size_(rows * width) {
+    if constexpr (widened) copies_ = at::zeros({2, rows, width}, options.dtype(at::kFloat));
+  }
+
+  // The rows that the product of step `step` reads, `own` being where they lie in scalar_t.
+  const panel_t* rows(int64_t step, const scalar_t* own) const {
+    if constexpr (widened) {
+      return copies_.data_ptr<float>() + (step % 2) * size_;
+    } else {
+      return own;
+    }
+  }
+
+  // Tells that n elements at `own`, element `offset` of the rows that step `step` reads, were written.
+  void wrote(int64_t step, int64_t offset, const scalar_t* own, int64_t n) const {
+    if constexpr (widened) {
+      using L = Lanes<scalar_t>;
+      float* copy = copies_.data_ptr<float>() + (step % 2) * size_ + offset;
+      for (int64_t j = 0; j < n; j += L::width) Lanes<float>::store(copy + j, L::load(own + j, n - j), n - j);
+    }
+  }
+
+ private:
+  at::Tensor copies_;
+  int64_t size_;
+};
 
 // The forward sweep on the panel kernels: per step one parallel pass in which each tile's recurrent
 // product goes straight into its cells. Every tile reads the whole previous state, so the new one is
 // written elsewhere: into the output row of the step itself where all sequences run every step, else
 // into a second state buffer (a finished sequence keeps its state but must output zeros).
-template <Cell cell, typename scalar_t>
+template <Cell cell, typename scalar_t, typename panel_t>
 void forward_panels(const RecurrenceDims& d, const Steps& steps, const Tensor& gx, const Tensor& w_hh,
                     const std::optional<Tensor>& b_hh, Tensor& h, Tensor& c, Tensor& output, Tensor& workspace) {
   const int64_t B = d.B, H = d.H, GH = d.G * d.H, W = workspace_width(cell, H);
   const bool keep = workspace.size(2) > 0, state_in_output = steps.lengths == nullptr;
-  const PanelWeightOf<scalar_t> pw = pack_panels<scalar_t>(w_hh, b_hh, d.G);
+  const PanelInput<scalar_t, panel_t> input(B, H, h.options());
+  const PanelWeightOf<panel_t> pw = pack_panels<panel_t>(w_hh, b_hh, d.G);
   // pw.units (but for the RNN at H <= 2 * kLanes: 2 * kLanes, which then takes the general n)
   constexpr int64_t kBlockUnits = cell == Cell::LSTM || cell == Cell::GRU ? kLanes : 4 * kLanes;
   Tensor h_other = state_in_output ? Tensor() : at::empty_like(h);
@@ -381,6 +434,7 @@ void forward_panels(const RecurrenceDims& d, const Steps& steps, const Tensor& g
   scalar_t* const ws_data = keep ? workspace.data_ptr<scalar_t>() : nullptr;
   scalar_t* const c_data = cell == Cell::LSTM ? c.data_ptr<scalar_t>() : nullptr;
   const scalar_t* cur = h.data_ptr<scalar_t>();
+  input.wrote(0, 0, cur, B * H);
   for (int64_t step = 0; step < d.T; ++step) {
     const int64_t t = steps.time(step);
     scalar_t* const out_t = row<scalar_t>(output, t * B, H);
@@ -391,12 +445,14 @@ void forward_panels(const RecurrenceDims& d, const Steps& steps, const Tensor& g
       scalar_t* h_next = next + b * H + j0;
       if (!steps.active(t, b)) {
         std::memcpy(h_next, h_prev, sizeof(scalar_t) * n);
+        input.wrote(step + 1, b * H + j0, h_next, n);
         return;
       }
       const scalar_t* x = gx_data + (t * B + b) * GH + j0;
       scalar_t* ws = keep ? ws_data + (t * B + b) * W + j0 : nullptr;
       scalar_t* c_row = cell == Cell::LSTM ? c_data + b * H + j0 : nullptr;
       cell_forward_row<cell>(keep, x, pre, ws, c_row, h_prev, h_next, n, H, kLanes);
+      input.wrote(step + 1, b * H + j0, h_next, n);
       if (!state_in_output) std::memcpy(out_t + b * H + j0, h_next, sizeof(scalar_t) * n);
       if (step + 1 < d.T) {
         const int64_t ahead = steps.time(step + 1) * B + b;
@@ -404,7 +460,7 @@ void forward_panels(const RecurrenceDims& d, const Steps& steps, const Tensor& g
         if (keep) prefetch_rows<true>(ws_data + ahead * W + j0, W / H, H, n);
       }
     };
-    panel_product(pw, PanelRowsOf<scalar_t>{cur, B, H, 1}, [&](const PanelTile& tile) {
+    panel_product(pw, PanelRowsOf<panel_t>{input.rows(step, cur), B, H, 1}, [&](const PanelTile& tile) {
       for (int r = 0; r < tile.rows; ++r) {
         with_units<kBlockUnits>(tile.n, [&](auto n) { cells(tile.r0 + r, tile.j0, tile.row(r), n); });
       }
@@ -420,9 +476,12 @@ void forward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gx,
                   Tensor& c, Tensor& output, Tensor& workspace) {
   const int64_t T = d.T, B = d.B, H = d.H, P = d.P, GH = d.G * d.H, W = workspace_width(cell, H);
   const bool projected = w_hr.has_value(), keep = workspace.size(2) > 0;
-  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (use_panels<scalar_t>(T, projected, H)) {
-      return forward_panels<cell, scalar_t>(d, steps, gx, w_hh, b_hh, h, c, output, workspace);
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (use_panels<scalar_t>(T, projected)) {
+      return on_native_panels(H) ? forward_panels<cell, scalar_t, panel_type_t<scalar_t, true>>(
+                                       d, steps, gx, w_hh, b_hh, h, c, output, workspace)
+                                 : forward_panels<cell, scalar_t, panel_type_t<scalar_t, false>>(
+                                       d, steps, gx, w_hh, b_hh, h, c, output, workspace);
     }
   }
   Tensor m = projected ? at::empty({B, H}, gx.options()) : Tensor();
@@ -452,7 +511,8 @@ void forward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gx,
   }
 }
 
-template <Cell cell, typename scalar_t>
+// The backward sweep; panel_t: what its panel products multiply (panel_type_t), where use_panels.
+template <Cell cell, typename scalar_t, typename panel_t>
 void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& grad_output, Tensor& dh,
                    Tensor& dc, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
                    const std::optional<Tensor>& w_hr, const Tensor& output, const Tensor& workspace,
@@ -461,11 +521,10 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
   const int64_t T = d.T, B = d.B, H = d.H, P = d.P, GH = d.G * d.H, W = workspace_width(cell, H);
   const bool projected = w_hr.has_value();
   // dL/dh_{t-1} = dL/dgates W_hh: on the panel kernels (W_hh^T packed), or one oneDNN/BLAS product a step.
-  constexpr bool has_panels = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
-  using panel_scalar_t = std::conditional_t<has_panels, scalar_t, float>;
-  const bool panels = has_panels && use_panels<scalar_t>(T, projected, H);
-  const std::optional<PanelWeightOf<panel_scalar_t>> panel_t =
-      panels ? std::optional(pack_panels<panel_scalar_t>(w_hh.t(), std::nullopt, 1)) : std::nullopt;
+  constexpr bool has_panels = !std::is_same_v<scalar_t, double>;
+  const bool panels = has_panels && use_panels<scalar_t>(T, projected);
+  const std::optional<PanelWeightOf<panel_t>> packed_t =
+      panels ? std::optional(pack_panels<panel_t>(w_hh.t(), std::nullopt, 1)) : std::nullopt;
   const std::optional<StepLinear> recurrent_t =
       panels ? std::nullopt : std::optional<StepLinear>(std::in_place, w_hh.t(), std::nullopt, B, T);
   const std::optional<StepLinear> projection_t =
@@ -512,15 +571,23 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
     if (panels) {
       // One parallel pass a step: each tile of dL/dh_{t-1} = dL/dgates_t W_hh goes straight on into the
       // gate gradients of step t-1 for its units (all a unit's gates depend on only its own dL/dh, dL/dc).
+      const PanelInput<scalar_t, panel_t> input(B, GH, grad_gh.options());
+      // Units [j0, j0 + n) of every gate of row b's gradients at step `step`, written: for the product
+      // of that step.
+      const auto wrote = [&](int64_t step, int64_t b, int64_t j0, int64_t n) {
+        const scalar_t* own = row<scalar_t>(grad_gh, steps.time(step) * B + b, GH);
+        for (int64_t g = 0; g < d.G; ++g) input.wrote(step, b * GH + g * H + j0, own + g * H + j0, n);
+      };
       const int64_t t_last = steps.time(T - 1);
       for_active_rows(steps, t_last, B, GH, [&](int64_t b) {
         add_output_grad(t_last, b, 0, H);
         gate_grads(t_last, b, row<scalar_t>(dh, b, H), 0, H);
+        wrote(T - 1, b, 0, H);
       });
       for (int64_t step = T - 1; step >= 0; --step) {
         const int64_t t = steps.time(step), t_next = step > 0 ? steps.time(step - 1) : -1;
-        const PanelRowsOf<scalar_t> rows{row<scalar_t>(grad_gh, t * B, GH), B, GH, 1};
-        panel_product(*panel_t, rows, [&](const PanelTile& tile) {
+        const PanelRowsOf<panel_t> rows{input.rows(step, row<scalar_t>(grad_gh, t * B, GH)), B, GH, 1};
+        panel_product(*packed_t, rows, [&](const PanelTile& tile) {
           const int64_t j0 = tile.j0;
           for (int r = 0; r < tile.rows; ++r) {
             const int64_t b = tile.r0 + r;
@@ -529,6 +596,7 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
               if (t_next >= 0 && steps.active(t_next, b)) {
                 add_output_grad(t_next, b, j0, n);
                 gate_grads(t_next, b, row<scalar_t>(dh, b, H) + j0, j0, n);
+                wrote(step - 1, b, j0, n);
               }
               if (step >= 2) {
                 const int64_t ahead = steps.time(step - 2) * B + b;
@@ -621,8 +689,11 @@ Tensors6 backward_cpu(const Tensor& grad_output_in, const Tensor& grad_h_n,
   Tensor m_all = projected ? sweep_buffer(steps, B, d.H, opts) : Tensor();
   Tensor h_prev;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, output.scalar_type(), "rnnkernels_backward_cpu", [&] {
-    backward_impl<cell, scalar_t>(d, steps, grad_output, dh, dc, h0, c0c, w_hh, w_hr, output, workspace,
-                                  grad_gx, grad_gh, dh_all, m_all);
+    const auto sweep = [&](auto native) {
+      backward_impl<cell, scalar_t, panel_type_t<scalar_t, decltype(native)::value>>(
+          d, steps, grad_output, dh, dc, h0, c0c, w_hh, w_hr, output, workspace, grad_gx, grad_gh, dh_all, m_all);
+    };
+    on_native_panels(d.H) ? sweep(std::true_type()) : sweep(std::false_type());
     h_prev = previous_states<scalar_t>(d, steps, h0, output);
   });
   const Tensor grad_gh_rows = grad_gh.view({T * B, G * d.H});
@@ -641,6 +712,7 @@ const char* cpu_bfloat16_panels() {
   switch (bfloat16_panels()) {
     case Bfloat16Panels::amx: return "amx";
     case Bfloat16Panels::avx512_bf16: return "avx512_bf16";
+    case Bfloat16Panels::float32: return "float32";
     default: return "";
   }
 }
@@ -650,9 +722,9 @@ Tensor linear_cpu(const Tensor& x, const Tensor& w, const std::optional<Tensor>&
   return linear_once(x, w, b);
 }
 
-// One step of a small batch (generation), float32 or bfloat16 (on AVX512-BF16): per block of kLanes hidden
-// units, the dot products of the block's rows of W_ih and W_hh with each sequence's input and state, then
-// its cells, in one parallel pass that reads each weight once. The sums are float32; as in the sequence
+// One step of a small batch (generation), float32, bfloat16 or float16: per block of kLanes hidden units,
+// the dot products of the block's rows of W_ih and W_hh with each sequence's input and state, then its
+// cells, in one parallel pass that reads each weight once. The sums are float32; as in the sequence
 // forward on the panels, the input part reaches the cells in scalar_t and the recurrent part as it is.
 // The workspace is the sequence forward's at T = 1.
 template <Cell cell, typename scalar_t>
@@ -708,13 +780,14 @@ Tensors3 step_cpu(const Tensor& x, const Tensor& h, const std::optional<Tensor>&
                   const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
                   const std::optional<Tensor>& w_hr, bool keep_workspace) {
   check_step_args(gates_of(cell), x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr);
-  if (!w_hr.has_value() && x.size(0) > 0 && x.size(0) <= kDotRows) {
-    if constexpr (kPanelGemm) {
-      if (x.scalar_type() == at::kFloat) return step_small_batch<cell, float>(x, h, c, w_ih, w_hh, b_ih, b_hh, keep_workspace);
-    }
-    if constexpr (kBfloat16Dots) {
-      if (x.scalar_type() == at::kBFloat16) {
-        return step_small_batch<cell, c10::BFloat16>(x, h, c, w_ih, w_hh, b_ih, b_hh, keep_workspace);
+  if constexpr (kPanelGemm) {
+    if (!w_hr.has_value() && x.size(0) > 0 && x.size(0) <= kDotRows) {
+      switch (x.scalar_type()) {
+        case at::kFloat: return step_small_batch<cell, float>(x, h, c, w_ih, w_hh, b_ih, b_hh, keep_workspace);
+        case at::kBFloat16:
+          return step_small_batch<cell, c10::BFloat16>(x, h, c, w_ih, w_hh, b_ih, b_hh, keep_workspace);
+        case at::kHalf: return step_small_batch<cell, c10::Half>(x, h, c, w_ih, w_hh, b_ih, b_hh, keep_workspace);
+        default: break;  // float64: below
       }
     }
   }
