@@ -172,15 +172,15 @@ def test_reduced_precision_ops_vs_reference_at_size(cell, projected, dtype):
 @pytest.mark.parametrize("scale", [0.5, 3.0, 50.0])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
 def test_16_bit_recurrences_on_panels(cell, scale, dtype):
-    """16-bit recurrences on the panels at their edges: 40 units (on AMX a last step of 8 inputs past whole
-    steps of 32; a last block of 8 of 16 units, or on AVX2 of 8 units whose rows widen through a buffer),
-    21 rows (two AMX tiles of 10 and 11, or register tiles), 5 rows with lengths forward (finished sequences)
+    """16-bit recurrences on the panels at their edges: 38 units (on AMX a last step of 6 inputs past whole
+    steps of 32; a last block of 6 units, of 16 with AVX-512, of 8 with AVX2, whose 16-bit rows convert
+    through a register's image in memory), 21 rows (two AMX tiles of 10 and 11, or register tiles), 5 rows with lengths forward (finished sequences)
     and reversed (sequences that start late, at even and odd steps: their widened states carry over in two
     buffers), and an empty batch. The forward leaves no product to
     torch."""
     cases = [(21, None, False), (5, [7, 4, 0, 6, 5], True), (5, [1, 7, 6, 2, 7], False), (0, None, False)]
     for seed, (B, lengths, reverse) in enumerate(cases):
-        args = away_from_relu_kinks(cell, make_args(cell, False, scale, T=7, B=B, H=40, P=40, lengths=lengths,
+        args = away_from_relu_kinks(cell, make_args(cell, False, scale, T=7, B=B, H=38, P=38, lengths=lengths,
                                                     reverse=reverse, seed=seed), dtype)
         with torch.profiler.profile() as profile:
             ops.recurrence(cell, *[a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
@@ -238,7 +238,7 @@ BFLOAT16_PANELS = ["float32", "avx512_bf16", "amx"]  # least to most (csrc/cpu/b
 def test_bfloat16_recurrences_on_lesser_panels(kind):
     """A CPU with AMX also has AVX512-BF16, the bfloat16 panels of AMD's CPUs, and every one has the float32
     panels that AVX2 laptops run bfloat16 on: with RNNKERNELS_CPU_BFLOAT16 set to either, the bfloat16
-    tests run again on it."""
+    recurrence tests run again on it (not the generation steps', whose dot products the setting leaves)."""
     here = ops.CPU_BFLOAT16_PANELS
     if here not in BFLOAT16_PANELS or BFLOAT16_PANELS.index(here) <= BFLOAT16_PANELS.index(kind):
         pytest.skip(f"{kind} runs here anyway, or is not built" if here else NO_PANELS)
@@ -247,9 +247,9 @@ def test_bfloat16_recurrences_on_lesser_panels(kind):
                          env=env, capture_output=True, text=True)
     assert ran.stdout.strip() == kind, ran.stdout + ran.stderr
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                            "bf16 and (on_panels or on_dots or at_size)"], env=env, capture_output=True, text=True)
+                            "bf16 and (on_panels or at_size)"], env=env, capture_output=True, text=True)
     passed = re.search(r"(\d+) passed", tests.stdout)
-    assert tests.returncode == 0 and passed and int(passed.group(1)) >= 24, tests.stdout[-3000:]
+    assert tests.returncode == 0 and passed and int(passed.group(1)) >= 17, tests.stdout[-3000:]
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])

@@ -1,6 +1,6 @@
 // bfloat16 panel products: the same tasks, tiles and epilogues as panels.h's float32 ones, so that a
 // bfloat16 recurrence also runs one parallel pass a step whose tiles go straight into the gate math, on
-// whichever of two instruction sets the CPU has (bfloat16_panels()):
+// whichever of two instruction sets the CPU has (bfloat16_panels(), which otherwise says float32):
 // - AMX, the tile unit of Intel Xeons since Sapphire Rapids: one TDPBF16PS multiplies 16 rows of h by 32
 //   inputs of a panel of 16 columns (about 5 ns on one core here);
 // - AVX512-BF16 (AMD Zen 4 and 5, Intel Cooper Lake): register tiles as the float32 ones, each
@@ -13,7 +13,7 @@
 // CPU); the left operand's inputs contiguous (k_stride 1) and an even K; the right operand in pairs
 // (pack_panels<c10::BFloat16>). Inputs that are bfloat16 subnormals count as zero, as in oneDNN's kernels.
 // RNNKERNELS_CPU_BFLOAT16 names the most that bfloat16 recurrences may use: "avx512_bf16" leaves AMX
-// unused, "float32" both.
+// unused, "float32" both (generation's Dots<c10::BFloat16>, chosen at build time, stays).
 #pragma once
 #include <cstdlib>
 #include <cstring>

@@ -47,9 +47,11 @@ Tensor onednn_reorder(const Tensor& w, int64_t rows) {
 }
 
 // Whether oneDNN's GEMM takes bfloat16 or float16 on this CPU: its reorder refuses where the CPU lacks
-// the instructions it wants for them (float16 wants AVX512-FP16 or AVX-NE-CONVERT). Asked once per dtype.
+// the instructions it wants for them (float16 wants AVX512-FP16 or AVX-NE-CONVERT), and a torch without
+// oneDNN's operators (macOS wheels) takes neither. Asked once per dtype.
 bool onednn_takes(at::ScalarType dtype) {
   const auto accepts = [](at::ScalarType type) {
+    if (!find_op("mkldnn::_reorder_linear_weight", 2).has_value()) return false;
     try {
       onednn_reorder(at::zeros({16, 16}, at::TensorOptions().dtype(type)), 16);
       return true;
@@ -65,7 +67,8 @@ bool onednn_takes(at::ScalarType dtype) {
 // generation at batch 1, oneDNN's fixed cost per call loses to MKL), and float32; or, for the per-step
 // products of a recurrence (per_step), bfloat16 and float16 where oneDNN takes them: its reordered weight
 // halves at::addmm's time there (timemachine's 32 x 256 x 1024 step in bfloat16: 64 against 126 us).
-// Their one-shot products stay with at::addmm, which rounds once where product()'s slices would each round.
+// Their one-shot products stay with at::addmm, which rounds once where product()'s slices would each round
+// (or, where oneDNN does not take them, run widened: linear_once).
 bool use_onednn(const Tensor& w, int64_t rows, bool per_step = false) {
   static const bool available = find_op("mkldnn::_linear_pointwise", 6).has_value() &&
                                 find_op("mkldnn::_reorder_linear_weight", 2).has_value();
@@ -231,7 +234,7 @@ scalar_t* row(const Tensor& t, int64_t index, int64_t width) {
 // Row kernels: one (t, b) over `n` hidden units, Lanes<scalar_t>::width at a time (float_lanes.h), the
 // gates of a unit `xs` apart in x and the workspace and `rs` apart in the recurrent part r (H for a whole
 // row; kLanes for a tile of the panel kernels). L::load(p + j, n - j) reads the units from j on.
-// r may be float32 where the rest is bfloat16: a panel tile's sums, before any rounding.
+// r may be float32 where the rest is bfloat16 or float16: a panel tile's sums, before any rounding.
 template <bool keep, typename scalar_t, typename rec_t, typename L = Lanes<scalar_t>, typename LR = Lanes<rec_t>>
 void lstm_forward_row(const scalar_t* __restrict__ x, const rec_t* __restrict__ r, scalar_t* __restrict__ ws,
                       scalar_t* __restrict__ c, scalar_t* __restrict__ h, int64_t n, int64_t xs, int64_t rs) {
