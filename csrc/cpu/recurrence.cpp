@@ -13,6 +13,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "../cell_math.h"
 #include "../recurrence_args.h"
@@ -39,6 +40,13 @@ std::optional<c10::OperatorHandle> find_op(const char* name, size_t arguments) {
   return op;
 }
 
+// Whether this torch ships both operators, with the arguments the calls below pass.
+bool onednn_available() {
+  static const bool available = find_op("mkldnn::_linear_pointwise", 6).has_value() &&
+                                find_op("mkldnn::_reorder_linear_weight", 2).has_value();
+  return available;
+}
+
 Tensor onednn_reorder(const Tensor& w, int64_t rows) {
   static const c10::OperatorHandle op = *find_op("mkldnn::_reorder_linear_weight", 2);
   torch::jit::Stack stack{w.contiguous(), c10::IValue(rows)};
@@ -51,7 +59,7 @@ Tensor onednn_reorder(const Tensor& w, int64_t rows) {
 // oneDNN's operators (macOS wheels) takes neither. Asked once per dtype.
 bool onednn_takes(at::ScalarType dtype) {
   const auto accepts = [](at::ScalarType type) {
-    if (!find_op("mkldnn::_reorder_linear_weight", 2).has_value()) return false;
+    if (!onednn_available()) return false;
     try {
       onednn_reorder(at::zeros({16, 16}, at::TensorOptions().dtype(type)), 16);
       return true;
@@ -70,9 +78,7 @@ bool onednn_takes(at::ScalarType dtype) {
 // Their one-shot products stay with at::addmm, which rounds once where product()'s slices would each round
 // (or, where oneDNN does not take them, run widened: linear_once).
 bool use_onednn(const Tensor& w, int64_t rows, bool per_step = false) {
-  static const bool available = find_op("mkldnn::_linear_pointwise", 6).has_value() &&
-                                find_op("mkldnn::_reorder_linear_weight", 2).has_value();
-  if (!available || !at::globalContext().userEnabledMkldnn() || rows * w.numel() < (int64_t{1} << 20)) return false;
+  if (!onednn_available() || !at::globalContext().userEnabledMkldnn() || rows * w.numel() < (int64_t{1} << 20)) return false;
   const at::ScalarType dtype = w.scalar_type();
   return dtype == at::kFloat || (per_step && onednn_takes(dtype));
 }
@@ -384,6 +390,14 @@ inline bool on_native_panels(int64_t H) {
 template <typename scalar_t, bool native>
 using panel_type_t = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16> && native, c10::BFloat16, float>;
 
+// fn(std::type_identity<panel_t>()) with panel_t what the panel products of a recurrence in scalar_t over
+// H units multiply.
+template <typename scalar_t, typename F>
+void with_panel_type(int64_t H, const F& fn) {
+  if (on_native_panels(H)) return fn(std::type_identity<panel_type_t<scalar_t, true>>());
+  fn(std::type_identity<panel_type_t<scalar_t, false>>());
+}
+
 // The left operand of a recurrence's panel products, rows of `width` written step by step: the rows
 // themselves where the panels take scalar_t; else float32 copies, widened as each row is written, in two
 // buffers (a step's product reads one while the step writes the other).
@@ -481,10 +495,10 @@ void forward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gx,
   const bool projected = w_hr.has_value(), keep = workspace.size(2) > 0;
   if constexpr (!std::is_same_v<scalar_t, double>) {
     if (use_panels<scalar_t>(T, projected)) {
-      return on_native_panels(H) ? forward_panels<cell, scalar_t, panel_type_t<scalar_t, true>>(
-                                       d, steps, gx, w_hh, b_hh, h, c, output, workspace)
-                                 : forward_panels<cell, scalar_t, panel_type_t<scalar_t, false>>(
-                                       d, steps, gx, w_hh, b_hh, h, c, output, workspace);
+      return with_panel_type<scalar_t>(H, [&](auto panel) {
+        forward_panels<cell, scalar_t, typename decltype(panel)::type>(d, steps, gx, w_hh, b_hh, h, c, output,
+                                                                       workspace);
+      });
     }
   }
   Tensor m = projected ? at::empty({B, H}, gx.options()) : Tensor();
@@ -525,7 +539,7 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
   const bool projected = w_hr.has_value();
   // dL/dh_{t-1} = dL/dgates W_hh: on the panel kernels (W_hh^T packed), or one oneDNN/BLAS product a step.
   constexpr bool has_panels = !std::is_same_v<scalar_t, double>;
-  const bool panels = has_panels && use_panels<scalar_t>(T, projected);
+  const bool panels = use_panels<scalar_t>(T, projected);
   const std::optional<PanelWeightOf<panel_t>> packed_t =
       panels ? std::optional(pack_panels<panel_t>(w_hh.t(), std::nullopt, 1)) : std::nullopt;
   const std::optional<StepLinear> recurrent_t =
@@ -692,11 +706,10 @@ Tensors6 backward_cpu(const Tensor& grad_output_in, const Tensor& grad_h_n,
   Tensor m_all = projected ? sweep_buffer(steps, B, d.H, opts) : Tensor();
   Tensor h_prev;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, output.scalar_type(), "rnnkernels_backward_cpu", [&] {
-    const auto sweep = [&](auto native) {
-      backward_impl<cell, scalar_t, panel_type_t<scalar_t, decltype(native)::value>>(
+    with_panel_type<scalar_t>(d.H, [&](auto panel) {
+      backward_impl<cell, scalar_t, typename decltype(panel)::type>(
           d, steps, grad_output, dh, dc, h0, c0c, w_hh, w_hr, output, workspace, grad_gx, grad_gh, dh_all, m_all);
-    };
-    on_native_panels(d.H) ? sweep(std::true_type()) : sweep(std::false_type());
+    });
     h_prev = previous_states<scalar_t>(d, steps, h0, output);
   });
   const Tensor grad_gh_rows = grad_gh.view({T * B, G * d.H});
