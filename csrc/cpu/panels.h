@@ -17,6 +17,7 @@
 // columns beyond N are zero; in place, loads past N are masked. Nothing past N is stored.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -165,8 +166,9 @@ PanelWeightOf<scalar_t> pack_panels(const at::Tensor& w_in, const std::optional<
 }
 
 #if defined(RNNKERNELS_FLOAT_LANES)
-// out (rows, panels * kLanes) = bias + h[rows] W_block^T over inputs [k0, k1), or out += that sum without
-// the bias where `accumulate`; h[r][k] = h[r * row_stride + k * k_stride]. kMasked: the block's columns
+// out (rows, kPanels * kLanes), its rows out_width floats apart, = bias + h[rows] W^T over inputs [k0, k1)
+// for the kPanels panels at w, or out += that sum without the bias where `accumulate`;
+// h[r][k] = h[r * row_stride + k * k_stride]. kMasked: the block's columns
 // end within it, so its loads are masked (a masked load costs extra instructions with AVX2). This and
 // panel_tile_rows are always inlined: emitted out of line (as GCC 12 chose for a caller of its own), the
 // tile kept its accumulators in memory, at a third of the speed.
@@ -174,7 +176,8 @@ template <int kRows, int kPanels, bool kMasked>
 [[gnu::always_inline]] inline void panel_tile(const float* __restrict__ h, int64_t row_stride, int64_t k_stride,
                                               const float* __restrict__ w, int64_t w_stride,
                                               const FloatRegister::mask* masks, const float* __restrict__ bias,
-                                              int64_t k0, int64_t k1, bool accumulate, float* __restrict__ out) {
+                                              int64_t k0, int64_t k1, bool accumulate, float* __restrict__ out,
+                                              int64_t out_width) {
   using R = FloatRegister;
   R::type acc[kRows][kPanels];
   for (int p = 0; p < kPanels; ++p) {
@@ -194,37 +197,45 @@ template <int kRows, int kPanels, bool kMasked>
   }
   for (int r = 0; r < kRows; ++r) {
     for (int p = 0; p < kPanels; ++p) {
-      float* o = out + (r * kPanels + p) * kLanes;
+      float* o = out + r * out_width + p * kLanes;
       R::store(o, accumulate ? R::add(R::load(o), acc[r][p]) : acc[r][p]);
     }
   }
 }
 
+// Panels whose sums a tile of a block of kPanels keeps in registers at once: the tile runs over K once per
+// group of them, writing its columns of the block's result. AVX2 (16 registers): 2, so that 12 sums (6
+// rows), the 2 panels' weights and a row's input fit and each weight loads once per input. 3 or 4 panels
+// at once left room for 12 sums only with the weights taken as FMA memory operands, loaded again for
+// every row: 15-16 loads for 12 FMAs, past the two 256-bit loads a cycle of Zen 3 (and of Intel's cores
+// before Golden Cove). Measured on one Zen 3 core, 32 rows x 16 blocks of K = 256: 4 panels 53 GFLOP/s as
+// tiles of 3 x 4, 88 as two passes of 6 x 2; 3 panels 50 as 4 x 3, 81 as 6 x 2 then 6 x 1. AVX-512 and
+// NEON (32 registers) take the whole block at once.
+template <int kPanels>
+constexpr int kPassPanels = FloatRegister::registers == 16 ? std::min(kPanels, 2) : kPanels;
+
 // Rows per tile: enough accumulators to cover the FMA latency (24 at most), within the vector registers
-// less four. AVX-512: 12, 8 and 6 rows of 2, 3 and 4 panels; AVX2: 6, 4 and 3, 12 accumulators, where the
-// compiler takes a block's weights as FMA memory operands when registers run short. Measured with AVX2 on
-// one core (Zen 5, 256-bit FMAs), LSTM 32 x 256: 118 GFLOP/s, against 80 for tiles of 2 rows that leave
-// a register for each weight, and 98-102 for 14-15 accumulators. NEON's FMAs take no operand from memory,
-// and GCC loads every row's input of a step before its FMAs, so a row costs panels + 1 registers and the
-// weights one a panel: 10, 7 and 5 rows (20-21 accumulators; 12 rows of 2 panels spilled accumulators to
-// the stack in the inner loop).
+// less four. AVX-512: 12, 8 and 6 rows of 2, 3 and 4 panels; AVX2: 6 rows of 2 panels a pass. NEON's FMAs
+// take no operand from memory, and GCC loads every row's input of a step before its FMAs, so a row costs
+// panels + 1 registers and the weights one a panel: 10, 7 and 5 rows (20-21 accumulators; 12 rows of 2
+// panels spilled accumulators to the stack in the inner loop).
 template <int kPanels>
 constexpr int kTileRows = FloatRegister::memory_operands
-                              ? std::min(24 / kPanels, (FloatRegister::registers - 4) / kPanels)
+                              ? std::min(24 / kPassPanels<kPanels>, (FloatRegister::registers - 4) / kPassPanels<kPanels>)
                               : (FloatRegister::registers - kPanels) / (kPanels + 1);
 
 template <int kPanels, bool kMasked, int kRows = kTileRows<kPanels>>
 [[gnu::always_inline]] inline void panel_tile_rows(int rows, const float* h, int64_t row_stride, int64_t k_stride,
                                                    const float* w, int64_t w_stride, const FloatRegister::mask* masks,
                                                    const float* bias, int64_t k0, int64_t k1, bool accumulate,
-                                                   float* out) {
+                                                   float* out, int64_t out_width) {
   if constexpr (kRows > 0) {
     if (rows == kRows) {
       return panel_tile<kRows, kPanels, kMasked>(h, row_stride, k_stride, w, w_stride, masks, bias, k0, k1,
-                                                 accumulate, out);
+                                                 accumulate, out, out_width);
     }
     return panel_tile_rows<kPanels, kMasked, kRows - 1>(rows, h, row_stride, k_stride, w, w_stride, masks, bias,
-                                                        k0, k1, accumulate, out);
+                                                        k0, k1, accumulate, out, out_width);
   }
 }
 #endif
@@ -335,14 +346,22 @@ void panel_product(const PanelWeight& w, const PanelRows& h, const Epilogue& epi
         const float* wk = copy ? chunk.data() : wb + k0 * w.k_stride;
         // The chunk's tiles, the number of panels and the masking constants: chosen per tile, the panels
         // cost the weight gradients 4% (GCC 12).
+        // One pass over the tiles per group of kPassPanels panels, so that the group's chunk stays in L1.
         const auto chunk_tiles = [&](auto panels, auto with_masks) {
-          for (int64_t tile = first; tile < last; ++tile) {
-            const int64_t r0 = first_row(tile);
-            const float* hk = h.data + r0 * h.row_stride + k0 * h.k_stride;
-            panel_tile_rows<decltype(panels)::value, decltype(with_masks)::value>(
-                static_cast<int>(first_row(tile + 1) - r0), hk, h.row_stride, h.k_stride, wk,
-                copy ? width : w.k_stride, masks, bb, 0, k1 - k0, k0 > 0, out + (tile - first) * kTileFloats);
-          }
+          constexpr int kPanels = decltype(panels)::value, kPass = kPassPanels<kPanels>;
+          static_assert(kPanels <= 2 * kPass, "a block takes at most two passes");
+          const auto pass = [&](auto pass_panels, int p0) {
+            for (int64_t tile = first; tile < last; ++tile) {
+              const int64_t r0 = first_row(tile);
+              const float* hk = h.data + r0 * h.row_stride + k0 * h.k_stride;
+              panel_tile_rows<decltype(pass_panels)::value, decltype(with_masks)::value, kTileRows<kPanels>>(
+                  static_cast<int>(first_row(tile + 1) - r0), hk, h.row_stride, h.k_stride, wk + p0 * kLanes,
+                  copy ? width : w.k_stride, masks + p0, bb + p0 * kLanes, 0, k1 - k0, k0 > 0,
+                  out + (tile - first) * kTileFloats + p0 * kLanes, width);
+            }
+          };
+          pass(std::integral_constant<int, kPass>(), 0);
+          if constexpr (kPanels > kPass) pass(std::integral_constant<int, kPanels - kPass>(), kPass);
         };
         const auto with_panels = [&](auto panels) {
           masked ? chunk_tiles(panels, std::true_type()) : chunk_tiles(panels, std::false_type());

@@ -232,10 +232,17 @@ Tensor sweep_buffer(const Steps& steps, int64_t B, int64_t width, const at::Tens
   return steps.lengths ? buffer.zero_() : buffer;
 }
 
+// The rows of a buffer of rows `width` long, by index, its data pointer taken once: the sweeps ask for rows
+// tile by tile, and Tensor::data_ptr checks the dtype and the storage on every call (4% of an LSTM
+// training step at timemachine-char's sizes on Zen 3, where each call took it). An undefined tensor
+// has no rows.
 template <typename scalar_t>
-scalar_t* row(const Tensor& t, int64_t index, int64_t width) {
-  return t.data_ptr<scalar_t>() + index * width;
-}
+struct Rows {
+  scalar_t* data;
+  int64_t width;
+  Rows(const Tensor& t, int64_t width) : data(t.defined() ? t.data_ptr<scalar_t>() : nullptr), width(width) {}
+  scalar_t* operator[](int64_t index) const { return data + index * width; }
+};
 
 // Row kernels: one (t, b) over `n` hidden units, Lanes<scalar_t>::width at a time (float_lanes.h), the
 // gates of a unit `xs` apart in x and the workspace and `rs` apart in the recurrent part r (H for a whole
@@ -407,13 +414,16 @@ class PanelInput {
   static constexpr bool widened = !std::is_same_v<scalar_t, panel_t>;
 
   PanelInput(int64_t rows, int64_t width, const at::TensorOptions& options) : size_(rows * width) {
-    if constexpr (widened) copies_ = at::zeros({2, rows, width}, options.dtype(at::kFloat));
+    if constexpr (widened) {
+      copies_ = at::zeros({2, rows, width}, options.dtype(at::kFloat));
+      copies_data_ = copies_.data_ptr<float>();
+    }
   }
 
   // The rows that the product of step `step` reads, `own` being where they lie in scalar_t.
   const panel_t* rows(int64_t step, const scalar_t* own) const {
     if constexpr (widened) {
-      return copies_.data_ptr<float>() + (step % 2) * size_;
+      return copies_data_ + (step % 2) * size_;
     } else {
       return own;
     }
@@ -423,13 +433,14 @@ class PanelInput {
   void wrote(int64_t step, int64_t offset, const scalar_t* own, int64_t n) const {
     if constexpr (widened) {
       using L = Lanes<scalar_t>;
-      float* copy = copies_.data_ptr<float>() + (step % 2) * size_ + offset;
+      float* copy = copies_data_ + (step % 2) * size_ + offset;
       for (int64_t j = 0; j < n; j += L::width) Lanes<float>::store(copy + j, L::load(own + j, n - j), n - j);
     }
   }
 
  private:
   at::Tensor copies_;
+  float* copies_data_ = nullptr;  // taken once, as Rows does
   int64_t size_;
 };
 
@@ -454,7 +465,7 @@ void forward_panels(const RecurrenceDims& d, const Steps& steps, const Tensor& g
   input.wrote(0, 0, cur, B * H);
   for (int64_t step = 0; step < d.T; ++step) {
     const int64_t t = steps.time(step);
-    scalar_t* const out_t = row<scalar_t>(output, t * B, H);
+    scalar_t* const out_t = output.data_ptr<scalar_t>() + t * B * H;
     scalar_t* const next = state_in_output ? out_t : (step % 2 ? h : h_other).data_ptr<scalar_t>();
     // Row b, units [j0, j0 + n) (n constant for whole blocks: with_units).
     const auto cells = [&](int64_t b, int64_t j0, const float* pre, auto n) {
@@ -505,24 +516,26 @@ void forward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gx,
   const StepLinear recurrent(w_hh, b_hh, B, T);
   const std::optional<StepLinear> projection =
       projected ? std::optional<StepLinear>(std::in_place, *w_hr, std::nullopt, B, T) : std::nullopt;
+  const Rows<scalar_t> gx_rows(gx, GH), h_rows(h, P), ws_rows(workspace, W), c_rows(c, H), m_rows(m, H),
+      out_rows(output, P);
   for (int64_t step = 0; step < T; ++step) {
     const int64_t t = steps.time(step);
     const Tensor gh = recurrent(h).contiguous();
+    const Rows<scalar_t> gh_rows(gh, GH);
     for_active_rows(steps, t, B, GH, [&](int64_t b) {
-      const scalar_t* x = row<scalar_t>(gx, t * B + b, GH);
-      const scalar_t* r = row<scalar_t>(gh, b, GH);
-      scalar_t* hb = row<scalar_t>(h, b, P);
-      scalar_t* ws = keep ? row<scalar_t>(workspace, t * B + b, W) : nullptr;
-      scalar_t* c_row = cell == Cell::LSTM ? row<scalar_t>(c, b, H) : nullptr;
-      scalar_t* h_row = projected ? row<scalar_t>(m, b, H) : hb;  // the LSTM's pre-projection output
-      cell_forward_row<cell>(keep, x, r, ws, c_row, hb, h_row, H, H, H);
-      if (!projected) std::memcpy(row<scalar_t>(output, t * B + b, P), hb, sizeof(scalar_t) * P);
+      scalar_t* hb = h_rows[b];
+      scalar_t* ws = keep ? ws_rows[t * B + b] : nullptr;
+      scalar_t* c_row = cell == Cell::LSTM ? c_rows[b] : nullptr;
+      scalar_t* h_row = projected ? m_rows[b] : hb;  // the LSTM's pre-projection output
+      cell_forward_row<cell>(keep, gx_rows[t * B + b], gh_rows[b], ws, c_row, hb, h_row, H, H, H);
+      if (!projected) std::memcpy(out_rows[t * B + b], hb, sizeof(scalar_t) * P);
     });
     if (projected) {
       const Tensor hp = (*projection)(m).contiguous();
+      const Rows<scalar_t> hp_rows(hp, P);
       for_active_rows(steps, t, B, P, [&](int64_t b) {
-        std::memcpy(row<scalar_t>(h, b, P), row<scalar_t>(hp, b, P), sizeof(scalar_t) * P);
-        std::memcpy(row<scalar_t>(output, t * B + b, P), row<scalar_t>(hp, b, P), sizeof(scalar_t) * P);
+        std::memcpy(h_rows[b], hp_rows[b], sizeof(scalar_t) * P);
+        std::memcpy(out_rows[t * B + b], hp_rows[b], sizeof(scalar_t) * P);
       });
     }
   }
@@ -547,38 +560,41 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
   const std::optional<StepLinear> projection_t =
       projected ? std::optional<StepLinear>(std::in_place, w_hr->t(), std::nullopt, B, T) : std::nullopt;
   Tensor dh_direct = cell == Cell::GRU ? at::empty({B, H}, dh.options()) : Tensor();
+  const Rows<scalar_t> dh_rows(dh, P), grad_output_rows(grad_output, P), dh_all_rows(dh_all, P), ws_rows(workspace, W),
+      grad_gx_rows(grad_gx, GH), grad_gh_rows(grad_gh, GH), c0_rows(c0, H), dc_rows(dc, H), m_all_rows(m_all, H),
+      h0_rows(h0, P), out_rows(output, P), dh_direct_rows(dh_direct, H);
   // Adds the output's gradient at step t to units [j0, j0 + n) of dL/dh_t, row b.
   const auto add_output_grad = [&](int64_t t, int64_t b, int64_t j0, auto n) {
-    scalar_t* __restrict__ g = row<scalar_t>(dh, b, P) + j0;
-    const scalar_t* __restrict__ go = row<scalar_t>(grad_output, t * B + b, P) + j0;
+    scalar_t* __restrict__ g = dh_rows[b] + j0;
+    const scalar_t* __restrict__ go = grad_output_rows[t * B + b] + j0;
     for (int64_t j = 0; j < n; ++j) g[j] = opmath_t(g[j]) + opmath_t(go[j]);
-    if (projected) std::memcpy(row<scalar_t>(dh_all, t * B + b, P) + j0, g, sizeof(scalar_t) * n);
+    if (projected) std::memcpy(dh_all_rows[t * B + b] + j0, g, sizeof(scalar_t) * n);
   };
   // The gate gradients of step t for units [j0, j0 + n) of row b, from dL/dm_t there (g: dL/dh_t, or
   // its share before the projection) and, for the LSTM, dL/dc_t (dc, which becomes dL/dc_{t-1}).
   const auto gate_grads = [&](int64_t t, int64_t b, const scalar_t* g, int64_t j0, auto n) {
     const bool first = steps.first(t, b);
     const int64_t prev = steps.previous(t);
-    const scalar_t* ws = W ? row<scalar_t>(workspace, t * B + b, W) + j0 : nullptr;
-    scalar_t* dx = row<scalar_t>(grad_gx, t * B + b, GH) + j0;
+    const scalar_t* ws = W ? ws_rows[t * B + b] + j0 : nullptr;
+    scalar_t* dx = grad_gx_rows[t * B + b] + j0;
     if constexpr (cell == Cell::LSTM) {
-      const scalar_t* c_prev = first ? row<scalar_t>(c0, b, H) : row<scalar_t>(workspace, prev * B + b, W) + 4 * H;
-      lstm_backward_row(g, ws, c_prev + j0, row<scalar_t>(dc, b, H) + j0, dx, n, H);
-      if (projected) lstm_unprojected_row(ws, row<scalar_t>(m_all, t * B + b, H) + j0, n, H);
+      const scalar_t* c_prev = first ? c0_rows[b] : ws_rows[prev * B + b] + 4 * H;
+      lstm_backward_row(g, ws, c_prev + j0, dc_rows[b] + j0, dx, n, H);
+      if (projected) lstm_unprojected_row(ws, m_all_rows[t * B + b] + j0, n, H);
     } else if constexpr (cell == Cell::GRU) {
-      const scalar_t* h_prev = first ? row<scalar_t>(h0, b, P) : row<scalar_t>(output, prev * B + b, P);
-      gru_backward_row(g, ws, h_prev + j0, dx, row<scalar_t>(grad_gh, t * B + b, GH) + j0,
-                       row<scalar_t>(dh_direct, b, H) + j0, n, H);
+      const scalar_t* h_prev = first ? h0_rows[b] : out_rows[prev * B + b];
+      gru_backward_row(g, ws, h_prev + j0, dx, grad_gh_rows[t * B + b] + j0,
+                       dh_direct_rows[b] + j0, n, H);
     } else {
-      rnn_backward_row(g, row<scalar_t>(output, t * B + b, P) + j0, dx, n, cell == Cell::RNN_RELU);
+      rnn_backward_row(g, out_rows[t * B + b] + j0, dx, n, cell == Cell::RNN_RELU);
     }
   };
   // Units [j0, j0 + n) of row b of dL/dh_{t-1}, given their recurrent share rec (a panel tile's float32
   // sums, or a product's rows).
   const auto set_dh = [&](int64_t b, const auto* __restrict__ rec, int64_t j0, auto n) {
-    scalar_t* __restrict__ g = row<scalar_t>(dh, b, P) + j0;
+    scalar_t* __restrict__ g = dh_rows[b] + j0;
     if constexpr (cell == Cell::GRU) {
-      const scalar_t* __restrict__ direct = row<scalar_t>(dh_direct, b, H) + j0;
+      const scalar_t* __restrict__ direct = dh_direct_rows[b] + j0;
       for (int64_t j = 0; j < n; ++j) g[j] = opmath_t(rec[j]) + opmath_t(direct[j]);
     } else {
       for (int64_t j = 0; j < n; ++j) g[j] = static_cast<scalar_t>(rec[j]);
@@ -592,18 +608,18 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
       // Units [j0, j0 + n) of every gate of row b's gradients at step `step`, written: for the product
       // of that step.
       const auto wrote = [&](int64_t step, int64_t b, int64_t j0, int64_t n) {
-        const scalar_t* own = row<scalar_t>(grad_gh, steps.time(step) * B + b, GH);
+        const scalar_t* own = grad_gh_rows[steps.time(step) * B + b];
         for (int64_t g = 0; g < d.G; ++g) input.wrote(step, b * GH + g * H + j0, own + g * H + j0, n);
       };
       const int64_t t_last = steps.time(T - 1);
       for_active_rows(steps, t_last, B, GH, [&](int64_t b) {
         add_output_grad(t_last, b, 0, H);
-        gate_grads(t_last, b, row<scalar_t>(dh, b, H), 0, H);
+        gate_grads(t_last, b, dh_rows[b], 0, H);
         wrote(T - 1, b, 0, H);
       });
       for (int64_t step = T - 1; step >= 0; --step) {
         const int64_t t = steps.time(step), t_next = step > 0 ? steps.time(step - 1) : -1;
-        const PanelRowsOf<panel_t> rows{input.rows(step, row<scalar_t>(grad_gh, t * B, GH)), B, GH, 1};
+        const PanelRowsOf<panel_t> rows{input.rows(step, grad_gh_rows[t * B]), B, GH, 1};
         panel_product(*packed_t, rows, [&](const PanelTile& tile) {
           const int64_t j0 = tile.j0;
           for (int r = 0; r < tile.rows; ++r) {
@@ -612,14 +628,14 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
               if (steps.active(t, b)) set_dh(b, tile.row(r), j0, n);
               if (t_next >= 0 && steps.active(t_next, b)) {
                 add_output_grad(t_next, b, j0, n);
-                gate_grads(t_next, b, row<scalar_t>(dh, b, H) + j0, j0, n);
+                gate_grads(t_next, b, dh_rows[b] + j0, j0, n);
                 wrote(step - 1, b, j0, n);
               }
               if (step >= 2) {
                 const int64_t ahead = steps.time(step - 2) * B + b;
-                if (W) prefetch_rows(row<scalar_t>(workspace, ahead, W) + j0, W / H, H, n);
-                prefetch_rows(row<scalar_t>(grad_output, ahead, P) + j0, 1, 0, n);
-                prefetch_rows<true>(row<scalar_t>(grad_gx, ahead, GH) + j0, d.G, H, n);
+                if (W) prefetch_rows(ws_rows[ahead] + j0, W / H, H, n);
+                prefetch_rows(grad_output_rows[ahead] + j0, 1, 0, n);
+                prefetch_rows<true>(grad_gx_rows[ahead] + j0, d.G, H, n);
               }
             });
           }
@@ -632,9 +648,11 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
     const int64_t t = steps.time(step);
     for_active_rows(steps, t, B, P, [&](int64_t b) { add_output_grad(t, b, 0, P); });
     const Tensor dm = projected ? (*projection_t)(dh).contiguous() : dh;
-    for_active_rows(steps, t, B, GH, [&](int64_t b) { gate_grads(t, b, row<scalar_t>(dm, b, H), 0, H); });
+    const Rows<scalar_t> dm_rows(dm, H);
+    for_active_rows(steps, t, B, GH, [&](int64_t b) { gate_grads(t, b, dm_rows[b], 0, H); });
     const Tensor dh_rec = (*recurrent_t)(grad_gh[t]).contiguous();
-    for_active_rows(steps, t, B, P, [&](int64_t b) { set_dh(b, row<scalar_t>(dh_rec, b, P), 0, P); });
+    const Rows<scalar_t> dh_rec_rows(dh_rec, P);
+    for_active_rows(steps, t, B, P, [&](int64_t b) { set_dh(b, dh_rec_rows[b], 0, P); });
   }
 }
 
@@ -642,13 +660,13 @@ void backward_impl(const RecurrenceDims& d, const Steps& steps, const Tensor& gr
 template <typename scalar_t>
 Tensor previous_states(const RecurrenceDims& d, const Steps& steps, const Tensor& h0, const Tensor& output) {
   Tensor h_prev = sweep_buffer(steps, d.B, d.P, output.options());
+  const Rows<scalar_t> h0_rows(h0, d.P), out_rows(output, d.P), h_prev_rows(h_prev, d.P);
   at::parallel_for(0, d.T, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       for (int64_t b = 0; b < d.B; ++b) {
         if (!steps.active(t, b)) continue;
-        const scalar_t* src = steps.first(t, b) ? row<scalar_t>(h0, b, d.P)
-                                                : row<scalar_t>(output, steps.previous(t) * d.B + b, d.P);
-        std::memcpy(row<scalar_t>(h_prev, t * d.B + b, d.P), src, sizeof(scalar_t) * d.P);
+        const scalar_t* src = steps.first(t, b) ? h0_rows[b] : out_rows[steps.previous(t) * d.B + b];
+        std::memcpy(h_prev_rows[t * d.B + b], src, sizeof(scalar_t) * d.P);
       }
     }
   });
