@@ -3,8 +3,8 @@
 // - panel_product: y = h W^T (+ b) with W in panels of one register's width of output columns (kLanes: 16
 //   with AVX-512, 8 with AVX2, 4 with NEON), packed once per sequence or read in place; a CPU analogue of
 //   the persistent GPU kernels. Every thread keeps the panels of its own output columns in its cache
-//   across the time steps, and each register tile of rows x panels goes straight to an epilogue (a cell's
-//   gate math) while in L1. Also the weight gradients (panel_matmul_tn) and products with few output
+//   across the time steps, and each tile of rows x panels (in one register pass, or two with AVX2:
+//   kPassPanels) goes straight to an epilogue (a cell's gate math) while in L1. Also the weight gradients (panel_matmul_tn) and products with few output
 //   columns (panel_linear).
 // - Dots: one step of up to four sequences (generation), each weight row read once.
 //
