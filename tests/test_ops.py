@@ -71,6 +71,24 @@ def test_gradcheck_forward_op_no_bias_only_h_n(cell, projected):
     assert torch.autograd.gradcheck(lambda *a: op(*a)[1], args, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_16_bit_linear_op_sums_in_float32_and_rounds_once(dtype):
+    """Large enough that a CPU without 16-bit GEMM instructions widens the operands into cached buffers
+    (over 2 MB), in each layout the weight gradients and input gradients pass: plain, transposed, both."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2100, 300, dtype=torch.float64, generator=g).to(dtype)
+    w = torch.randn(1030, 300, dtype=torch.float64, generator=g).to(dtype)
+    b = torch.randn(1030, dtype=torch.float64, generator=g).to(dtype)
+    for xx, ww in [(x, w), (x.t().contiguous().t(), w), (x, w.t().contiguous().t()),
+                   (x.t().contiguous().t(), w.t().contiguous().t())]:
+        for bias in (b, None):
+            exact = torch.nn.functional.linear(xx.double(), ww.double(), None if bias is None else bias.double())
+            ours = torch.ops.rnnkernels.linear(xx, ww, bias)
+            assert ours.dtype == dtype and ours.shape == exact.shape
+            # float32 sums of exact products over 300 inputs, then one rounding to 16 bits
+            rounding = torch.finfo(dtype).eps
+            torch.testing.assert_close(ours.double(), exact, rtol=rounding, atol=1e-4 * exact.abs().max().item())
+
 def test_gradcheck_linear_op():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, dtype=torch.float64, generator=g, requires_grad=True)

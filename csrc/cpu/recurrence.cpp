@@ -166,8 +166,9 @@ Tensor linear_once(const Tensor& x, const Tensor& w, const std::optional<Tensor>
   const int64_t K = w.size(1);
   const bool reduced_precision = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
   if (reduced_precision && kPanelGemm && !onednn_takes(x.scalar_type())) {
-    const std::optional<Tensor> b_float = b.has_value() ? std::optional(b->to(at::kFloat)) : std::nullopt;
-    return linear_once(x.to(at::kFloat), w.to(at::kFloat), b_float).to(x.scalar_type());
+    const auto wide = [](const Tensor& t) { return converted_buffer(t, at::kFloat); };
+    const std::optional<Tensor> b_float = b.has_value() ? std::optional(wide(*b)) : std::nullopt;
+    return converted_buffer(linear_once(wide(x), wide(w), b_float), x.scalar_type());
   }
   if (!is_transposed(x) || !is_transposed(w) || K <= kChunk || reduced_precision) return product(x, w, b);
   if (kPanelGemm && x.scalar_type() == at::kFloat && !b.has_value()) return panel_matmul_tn(x.t(), w.t());
