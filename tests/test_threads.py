@@ -60,6 +60,20 @@ def test_float32_partial_tiles_and_chunks(kind, packed, two_threads):
     check_twin(m, t, x, hx)
 
 
+@pytest.mark.parametrize("sizes", [(19, 300), (300, 24)], ids=["hidden300", "input300"])
+@pytest.mark.parametrize("kind", list(RNN_KINDS))
+def test_float32_products_over_more_than_one_chunk(kind, sizes, two_threads):
+    """Products over more than one chunk of 256 inputs, where each pass's first tile prefetches what its
+    thread reads next (NextRows in csrc/cpu/panels.h): hidden 300, the recurrent product's next chunk and
+    then the next block of units; input 300 into 24 units, one block whose row tiles split between the
+    threads, the input projection's next chunk and no next block."""
+    input_size, hidden_size = sizes
+    m = torch_module(kind, dtype=torch.float32, input_size=input_size, hidden_size=hidden_size)
+    t = twin(m, "cpu")
+    x, hx = rnn_inputs(m, T=4, B=13, hx=True)
+    check_twin(m, t, x, hx)
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("hidden", [37, 11])
 @pytest.mark.parametrize("B", [0, 1, 3, 4, 5])
