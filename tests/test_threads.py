@@ -65,8 +65,8 @@ def test_float32_partial_tiles_and_chunks(kind, packed, two_threads):
 def test_float32_products_over_more_than_one_chunk(kind, sizes, two_threads):
     """Products over more than one chunk of 256 inputs, where each pass's first tile prefetches what its
     thread reads next (NextRows in csrc/cpu/panels.h): hidden 300, the recurrent product's next chunk and
-    then the next block of units; input 300 into 24 units, one block whose row tiles split between the
-    threads, the input projection's next chunk and no next block."""
+    then the next block of units; input 300 into 24 units, the input projection's next chunk (for the RNN
+    one block of 24 columns, whose row tiles split between the threads, so no next block)."""
     input_size, hidden_size = sizes
     m = torch_module(kind, dtype=torch.float32, input_size=input_size, hidden_size=hidden_size)
     t = twin(m, "cpu")

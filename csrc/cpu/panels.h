@@ -168,9 +168,10 @@ PanelWeightOf<scalar_t> pack_panels(const at::Tensor& w_in, const std::optional<
 // The rows of weights a tile prefetches into L2 while it runs: the same panels of the chunk its block reads
 // next (or of the next block), so that they are there when the next pass over them begins. Without it,
 // each pass's first tile waits on its chunk's weights: once W_hh outgrows the threads' L2 (an LSTM's above
-// hidden 256 in float32 on two Zen 3 cores of 512 KB) the stride of a pass (every other cache line with
-// AVX2) left the hardware prefetchers behind, and the sweep of ptb-medium's LSTM (hidden 650, batch 20) ran
-// at 18 GFLOP/s a Zen 3 core against oneDNN's 25. rows == 0: nothing to prefetch.
+// hidden 256 in float32 on two Zen 3 cores of 512 KB) the sweep of ptb-medium's LSTM (hidden 650, batch
+// 20) ran at 18 GFLOP/s a Zen 3 core against oneDNN's 25, most likely because the hardware prefetchers do
+// not follow the stride of a pass (every other cache line with AVX2); the VM measured on has no cache
+// counters to confirm it, only the timings with and without this. rows == 0: nothing to prefetch.
 struct NextRows {
   const float* data = nullptr;
   int64_t rows = 0;
