@@ -408,6 +408,48 @@ def test_linear_op_with_strided_bias_matches_f_linear():
     torch.testing.assert_close(torch.ops.rnnkernels.linear(x, w, b), torch.nn.functional.linear(x, w, b))
 
 
+@pytest.mark.parametrize("hidden", [20, 37], ids=["even", "odd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_recurrent_weights_at_an_odd_address_give_the_same_bits(cell, dtype, hidden):
+    """W_hh packs as 32-bit words (float32, or pairs of bfloat16 inputs: panels.h's transpose_words) where
+    its rows allow, else element by element: a bfloat16 W_hh at an odd address (and an odd hidden size)
+    takes the latter. Forward and backward must not tell the two apart, and both must match the reference."""
+    args = op_args(cell, T=6, B=3, H=hidden, dtype=dtype, requires_grad=False)
+    w_hh = args[3]
+    shifted = torch.empty(w_hh.numel() + 1, dtype=dtype)[1:].view_as(w_hh).copy_(w_hh)
+    assert shifted.is_contiguous() and shifted.data_ptr() % 4 == (2 if dtype == torch.bfloat16 else 0)
+
+    def run(w):
+        gx, h0, c0, _, b_hh, w_hr, lengths, reverse = args
+        output, h_n, c_n, workspace = ops.forward_op(cell)(gx, h0, c0, w, b_hh, w_hr, lengths, reverse)
+        g = torch.Generator().manual_seed(3)
+        grads = [torch.randn(t.shape, generator=g).to(dtype) for t in (output, h_n, c_n)]
+        backward = getattr(torch.ops.rnnkernels, f"{cell}_backward")
+        grads_in = backward(grads[0], grads[1], grads[2] if cell == "lstm" else None, h0, c0, w, w_hr, lengths,
+                            reverse, output, workspace)
+        return [output, h_n, c_n, *grads_in]
+
+    aligned, odd = run(w_hh), run(shifted)
+    for a, b in zip(aligned, odd):
+        assert torch.equal(a, b)
+    wide = [a.double() if isinstance(a, torch.Tensor) else a for a in args]
+    torch.testing.assert_close(odd[0].double(), reference.recurrence(cell, *wide)[0],
+                               atol=3e-2 if dtype == torch.bfloat16 else 1e-5, rtol=0)
+
+
+def test_linear_op_packs_a_strided_weight_as_a_contiguous_one():
+    """A weight of general strides packs element by element, a contiguous one in 32-bit words (panels.h):
+    the same product, bit for bit, over more than one chunk of inputs and a partial block of outputs."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(70, 300, generator=g), torch.randn(40, 600, generator=g)[:, ::2]
+    assert w.stride() == (600, 2)
+    y = torch.ops.rnnkernels.linear(x, w, None)
+    assert torch.equal(y, torch.ops.rnnkernels.linear(x, w.contiguous(), None))
+    expected = x.double() @ w.double().t()
+    assert (y.double() - expected).abs().max().item() <= 1e-6 * expected.abs().max().item()
+
+
 def test_double_backward_raises_on_compiled_backend():
     """The fused backward is not differentiable: create_graph=True must fail loudly, not give zeros."""
     m = rnnkernels.GRU.from_torch(torch.nn.GRU(3, 4), backend="cpu")
