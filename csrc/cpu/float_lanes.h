@@ -63,7 +63,6 @@ struct FloatRegister {
   using mask = uint32x4_t;  // all ones in the lanes that hold
   static constexpr int64_t width = 4;
   static constexpr int registers = 32;
-  static constexpr bool free_masks = false;  // no masked loads: lane by lane
   static constexpr bool memory_operands = false;  // arithmetic on registers only
   static type broadcast(float x) { return vdupq_n_f32(x); }
   static type add(type a, type b) { return vaddq_f32(a, b); }
@@ -122,7 +121,6 @@ struct FloatRegister {
   using mask = __mmask16;
   static constexpr int64_t width = 16;
   static constexpr int registers = 32;
-  static constexpr bool free_masks = true;  // a masked load costs what a plain one does
   static constexpr bool memory_operands = true;  // an FMA can take an operand, or a broadcast, from memory
   static type broadcast(float x) { return _mm512_set1_ps(x); }
   static type add(type a, type b) { return _mm512_add_ps(a, b); }
@@ -168,7 +166,6 @@ struct FloatRegister {
   using mask = __m256;  // all ones in the lanes that hold
   static constexpr int64_t width = 8;
   static constexpr int registers = 16;
-  static constexpr bool free_masks = false;  // vmaskmovps: extra instructions
   static constexpr bool memory_operands = true;  // an FMA can take an operand from memory
   static type broadcast(float x) { return _mm256_set1_ps(x); }
   static type add(type a, type b) { return _mm256_add_ps(a, b); }

@@ -33,11 +33,9 @@ namespace rnnkernels {
 #if defined(RNNKERNELS_FLOAT_LANES)
 constexpr bool kPanelGemm = true;
 constexpr int64_t kLanes = FloatRegister::width;  // the width of a panel
-constexpr bool kFreeMasks = FloatRegister::free_masks;
 #else
 constexpr bool kPanelGemm = false;
-constexpr int64_t kLanes = 16;  // this and kFreeMasks unused: no panel product runs
-constexpr bool kFreeMasks = true;
+constexpr int64_t kLanes = 16;  // unused: no panel product runs
 #endif
 
 // Inputs per running sum: a panel product sums K in chunks of kChunk and then adds the chunks' sums, as
@@ -510,15 +508,15 @@ inline at::Tensor panel_matmul_tn(const at::Tensor& a, const at::Tensor& b) {
 // x w^T (+ b) for row-major x (M, K) and w (N, K) given by any strides, float32.
 inline at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& w, const std::optional<at::Tensor>& b) {
   const at::Tensor x = x_in.contiguous();
-  // A transposed w (the input gradient's W_ih^T) is already the right operand's layout: read in place, but
-  // where its last block is partial and masked loads cost extra (AVX2): there packing pads that block. The
-  // input gradient of a character model, 1792 x 512 against 28 columns (one block of 32), on two cores:
-  // AVX2 545 us in place, 285 packed; AVX-512 154 in place, 171-179 packed.
+  // Packed, even where w is a transposed view (the input gradient's W_ih^T), which is already the right
+  // operand's layout: read in place, each task would copy its block's chunks again for every group of row
+  // tiles. On two Zen 4 cores, in place against packed, in turn three times: ptb-medium's input gradient
+  // (700 x 2600 against 650 columns) 15.4-15.9 against 14.2-14.3 ms, ptb-large's (1500 columns) 35-37
+  // against 29-32, a character model's (1120 x 1024 against 28) 0.52-0.55 against 0.54-0.56. With AVX2,
+  // whose masked loads cost extra, a partial last block was packed already: 1792 x 512 against 28 columns,
+  // 545 us in place, 285 packed (Zen 3).
   const int64_t N = w.size(0);
-  const bool whole_blocks = N % (column_panels(N) * kLanes) == 0;
-  const bool in_place =
-      !b.has_value() && !w.is_contiguous() && w.t().is_contiguous() && (whole_blocks || kFreeMasks);
-  const PanelWeight pw = in_place ? panels_in_place(w.t()) : pack_panels(w, b, 1);
+  const PanelWeight pw = pack_panels(w, b, 1);
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor y = empty_buffer({M, N}, x.options());
   float* dst = y.data_ptr<float>();
