@@ -413,8 +413,10 @@ def test_linear_op_with_strided_bias_matches_f_linear():
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_recurrent_weights_at_an_odd_address_give_the_same_bits(cell, dtype, hidden):
     """W_hh packs as 32-bit words (float32, or pairs of bfloat16 inputs: panels.h's transpose_words) where
-    its rows allow, else element by element: a bfloat16 W_hh at an odd address (and an odd hidden size)
-    takes the latter. Forward and backward must not tell the two apart, and both must match the reference."""
+    its rows allow, else element by element. A bfloat16 W_hh at an odd address takes the latter where the
+    CPU has bfloat16 panels (an even hidden size; an odd one, like float32 at any address, runs on the
+    float32 panels, which pack words either way). Forward and backward must not tell the two apart, and
+    both must match the reference."""
     args = op_args(cell, T=6, B=3, H=hidden, dtype=dtype, requires_grad=False)
     w_hh = args[3]
     shifted = torch.empty(w_hh.numel() + 1, dtype=dtype)[1:].view_as(w_hh).copy_(w_hh)
